@@ -1,0 +1,214 @@
+"""Public entry points: :func:`prune` (in memory) and :func:`compress` (load -> prune -> save).
+
+The CLI and the eval scripts are thin wrappers over these.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmprune import __version__
+from llmprune.calibration.data import load_calibration
+from llmprune.calibration.driver import ModuleReport, capture_layer_inputs, prune_layerwise
+from llmprune.checkpoint import check_output, get_format, save_checkpoint
+from llmprune.config import CalibConfig, PruneConfig, Recipe
+from llmprune.errors import ConfigError
+from llmprune.modeling import DEFAULT_IGNORE, matches_any
+from llmprune.models import load_pretrained, load_tokenizer, resolve_model
+from llmprune.registry import method_for_config
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"invalid device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+@dataclass
+class PruneContext:
+    """What a ``"model"``-kind method receives besides the model and its config."""
+
+    calib: torch.Tensor | None
+    device: torch.device
+    batch_size: int = 8
+    progress: bool = True
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+
+
+@dataclass
+class PruneReport:
+    """Outcome of :func:`prune`: one entry per pruned module, and wall time."""
+
+    modules: list[ModuleReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def overall_sparsity(self) -> float:
+        total = sum(m.shape[0] * m.shape[1] for m in self.modules)
+        zeros = sum(m.sparsity * m.shape[0] * m.shape[1] for m in self.modules)
+        return zeros / total if total else 0.0
+
+    def per_layer(self) -> list[tuple[int, int, float, float]]:
+        """``(layer, n_modules, sparsity, seconds)`` per decoder layer."""
+        rows: dict[int, list[ModuleReport]] = {}
+        for m in self.modules:
+            rows.setdefault(m.layer, []).append(m)
+        out = []
+        for layer, mods in sorted(rows.items()):
+            numel = sum(m.shape[0] * m.shape[1] for m in mods)
+            zeros = sum(m.sparsity * m.shape[0] * m.shape[1] for m in mods)
+            out.append((layer, len(mods), zeros / numel if numel else 0.0, sum(m.seconds for m in mods)))
+        return out
+
+    def table(self) -> str:
+        lines = [f"{'layer':>5}  {'modules':>7}  {'sparsity':>8}  {'time (s)':>8}"]
+        for layer, n, sp, secs in self.per_layer():
+            lines.append(f"{layer:>5}  {n:>7}  {sp:>8.2%}  {secs:>8.2f}")
+        lines.append(f"{'all':>5}  {len(self.modules):>7}  {self.overall_sparsity:>8.2%}  {self.seconds:>8.2f}")
+        return "\n".join(lines)
+
+
+def prune(
+    model: nn.Module,
+    config: PruneConfig | Sequence[PruneConfig],
+    calib: torch.Tensor | None = None,
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune ``model`` in place with one config or a sequence of stages.
+
+    Args:
+        model: a Hugging Face causal LM (Llama, Mistral, Qwen2, OPT, ...).
+        config: e.g. ``WandaConfig(sparsity="2:4")``; stages run in order, each
+            re-calibrating on the model left by the previous one.
+        calib: ``[nsamples, seqlen]`` token ids (not needed for magnitude).
+        device: where each decoder layer runs (default: CUDA if available).
+        batch_size: calibration sequences per forward pass.
+        progress: progress bars over layers.
+
+    Returns:
+        A :class:`PruneReport`.
+    """
+    stages = [config] if isinstance(config, PruneConfig) else list(config)
+    dev = resolve_device(device)
+    report = PruneReport()
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        for stage in stages:
+            method = method_for_config(stage)
+            if method.needs_calibration and calib is None:
+                raise ConfigError(f"method {method.name!r} needs calibration data")
+            patterns = DEFAULT_IGNORE + tuple(stage.ignore)
+            if method.kind == "model":
+                ctx = PruneContext(calib, dev, batch_size, progress, patterns)
+                report.modules.extend(method.fn(model, stage, ctx))
+                continue
+            inputs = capture_layer_inputs(model, calib, dev, batch_size) if method.stats else None
+            report.modules.extend(
+                prune_layerwise(
+                    model,
+                    method,
+                    stage,
+                    inputs,
+                    device=dev,
+                    ignore=lambda name, p=patterns: matches_any(name, p),
+                    progress=progress,
+                )
+            )
+            del inputs
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@dataclass
+class CompressResult:
+    output: Path
+    report: PruneReport
+    metadata: dict
+
+
+def compress(
+    model_ref: str | None,
+    recipe: Recipe,
+    output: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+    command: str | None = None,
+) -> CompressResult:
+    """Load ``model_ref``, run the recipe's prune stages, save the checkpoint.
+
+    Args:
+        model_ref: alias (``smollm2-135m``), local directory or Hub id.
+        recipe: stages, calibration, save format, runtime options.
+        output: checkpoint directory (refused if it exists unless ``overwrite``).
+        device: where layers run during pruning.
+        dtype: model dtype (``auto`` = checkpoint's).
+        overwrite: replace an existing output.
+        progress: show progress bars.
+        trust_remote_code: passed to transformers.
+        command: the command line, recorded in the metadata.
+    """
+    if not recipe.stages:
+        raise ConfigError("the recipe has no prune stages")
+    output = check_output(output, overwrite)
+    get_format(recipe.save.format)
+    dev = resolve_device(device)
+    resolved = resolve_model(model_ref)
+    tokenizer = load_tokenizer(resolved, trust_remote_code)
+    model = load_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+    calib = None
+    calib_cfg = recipe.calibration
+    if any(method_for_config(s).needs_calibration for s in recipe.stages):
+        max_ctx = getattr(model.config, "max_position_embeddings", None) or calib_cfg.seqlen
+        if calib_cfg.seqlen > max_ctx:
+            log.warning("seqlen %d exceeds the model context %d; using %d", calib_cfg.seqlen, max_ctx, max_ctx)
+            calib_cfg = CalibConfig(**{**calib_cfg.to_dict(), "seqlen": max_ctx})
+        t_cal = time.perf_counter()
+        calib = load_calibration(calib_cfg, tokenizer, model)
+        log.info("calibration data: %s in %.1fs", tuple(calib.shape), time.perf_counter() - t_cal)
+    report = prune(model, recipe.stages, calib, device=dev, batch_size=calib_cfg.batch_size, progress=progress)
+    metadata = {
+        "llmprune_version": __version__,
+        "base_model": str(model_ref) if model_ref else "smollm2-135m",
+        "recipe": recipe.to_dict(),
+        "calibration": calib_cfg.to_dict() if calib is not None else None,
+        "sparsity": {
+            "overall": round(report.overall_sparsity, 6),
+            "modules": {m.name: round(m.sparsity, 6) for m in report.modules},
+        },
+        "prune_seconds": round(report.seconds, 2),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "command": command or " ".join(sys.argv),
+    }
+    model.config.use_cache = True
+    path = save_checkpoint(
+        model, tokenizer, output, metadata=metadata, format=recipe.save.format, overwrite=overwrite
+    )
+    return CompressResult(path, report, metadata)

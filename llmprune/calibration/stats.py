@@ -1,0 +1,69 @@
+"""Statistics accumulators over calibration activations.
+
+Methods declare the statistics they need by name (``stats=("hessian",)`` in
+:func:`llmprune.registry.register`); the driver builds one accumulator per
+linear from :data:`STATS` and feeds it the linear's inputs through a hook.
+Each accumulator holds a running *sum* and a token *count* (so distributed
+runs can all-reduce both) and exposes the normalised :meth:`result`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ActSqNorm:
+    """Per-input-channel mean of ``x_j ** 2`` over tokens (Wanda's ``||X_j||^2 / n``).
+
+    Result shape: ``[in]``, fp32.
+    """
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.sum = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sum += (x * x).sum(0)
+        self.count += x.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.sum]
+
+    def result(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+
+class Hessian:
+    """``H = 2 X^T X / n`` of the inputs of one linear (SparseGPT's layer Hessian).
+
+    Result shape: ``[in, in]``, fp32.
+    """
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.sum]
+
+    def result(self) -> torch.Tensor:
+        return self.sum * (2.0 / max(self.count, 1))
+
+
+STATS = {"act_sq_norm": ActSqNorm, "hessian": Hessian}
+
+
+def make_accumulator(name: str, module: nn.Linear, device: torch.device):
+    """Accumulator ``name`` sized for ``module``'s input features."""
+    try:
+        cls = STATS[name]
+    except KeyError:
+        raise ValueError(f"unknown statistic {name!r} (known: {', '.join(STATS)})") from None
+    return cls(module.in_features, device)

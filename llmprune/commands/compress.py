@@ -1,0 +1,105 @@
+"""``llmprune compress``: calibrate, prune and save a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from llmprune.commands.common import add_model_arguments
+from llmprune.config import CalibConfig, Recipe, SaveConfig
+from llmprune.errors import ConfigError
+from llmprune.recipe import build, load_recipe
+from llmprune.registry import available_methods, get_method, method_for_config
+
+NAME = "compress"
+HELP = "prune a Hugging Face causal LM and save the checkpoint"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p, positional_help="HF id, local directory or alias (default: smollm2-135m, offline)")
+    p.add_argument("--method", default=None, help=f"{', '.join(available_methods())} (default: wanda)")
+    p.add_argument("--sparsity", default=None, help="N:M such as 2:4 / 4:8, or a ratio such as 0.5 (default 2:4)")
+    p.add_argument("--recipe", default=None, help="YAML recipe (flags given explicitly override it)")
+    p.add_argument("--calib", default=None, help="auto (default), c4, wikitext2, self, a .txt/.jsonl/.parquet file or a datasets name")
+    p.add_argument("--calib-config", default=None, help="datasets config name for --calib")
+    p.add_argument("--calib-split", default=None, help="datasets split for --calib (default train)")
+    p.add_argument("--calib-field", default=None, help="text column (default text)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration sequences (default 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per sequence (default 2048, clipped to the model)")
+    p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward (default 8)")
+    p.add_argument("--ignore", nargs="+", default=None, metavar="PATTERN", help="module-name patterns left dense")
+    p.add_argument("--format", default=None, help="checkpoint format (default dense)")
+    p.add_argument("--output", "-o", default=None, help="output directory (default ./<model>-<method>-<sparsity>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """Build the recipe: ``--recipe`` first, then explicit flags on top.
+
+    ``--method``/``--sparsity``/``--ignore`` replace the recipe's single prune
+    stage; switching method keeps only the fields every method shares.
+    """
+    recipe = load_recipe(args.recipe) if args.recipe else Recipe()
+    if args.method is not None or args.sparsity is not None or args.ignore is not None or not recipe.stages:
+        if len(recipe.stages) > 1:
+            raise ConfigError("--method/--sparsity/--ignore cannot override a multi-stage recipe; edit the recipe")
+        base_method = method_for_config(recipe.stages[0]).name if recipe.stages else "wanda"
+        fields = recipe.stages[0].to_dict() if recipe.stages else {"sparsity": "2:4"}
+        method = get_method(args.method or base_method)
+        if method.name != base_method:
+            fields = {k: fields[k] for k in ("sparsity", "ignore") if k in fields}
+        if args.sparsity is not None:
+            fields["sparsity"] = args.sparsity
+        if args.ignore is not None:
+            fields["ignore"] = args.ignore
+        recipe.stages = [build(method.config_cls, fields, f"method {method.name}")]
+    cal = recipe.calibration.to_dict()
+    for flag, key in (
+        ("calib", "source"),
+        ("calib_config", "dataset_config"),
+        ("calib_split", "split"),
+        ("calib_field", "text_field"),
+        ("nsamples", "nsamples"),
+        ("seqlen", "seqlen"),
+        ("seed", "seed"),
+        ("batch_size", "batch_size"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            cal[key] = value
+    recipe.calibration = CalibConfig(**cal)
+    if args.format is not None:
+        recipe.save = SaveConfig(format=args.format)
+    return recipe
+
+
+def default_output(model: str | None, recipe: Recipe) -> Path:
+    base = Path(str(model or "smollm2-135m").rstrip("/")).name
+    parts = [f"{method_for_config(s).name}-{str(s.sparsity).replace(':', 'of')}" for s in recipe.stages]
+    return Path(re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join([base, *parts])))
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmprune.api import compress
+
+    recipe = recipe_from_args(args)
+    output = Path(args.output) if args.output else default_output(args.model, recipe)
+    result = compress(
+        args.model,
+        recipe,
+        output,
+        device=args.device,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        trust_remote_code=args.trust_remote_code,
+        command=shlex.join(["llmprune", *sys.argv[1:]]),
+    )
+    size = sum(f.stat().st_size for f in result.output.rglob("*") if f.is_file())
+    print(result.report.table())
+    print(f"saved {recipe.save.format} checkpoint to {result.output} ({size / 2**20:.1f} MiB)")
+    return 0
