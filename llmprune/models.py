@@ -103,6 +103,9 @@ def resolve_model(ref: str | os.PathLike | None) -> str:
         return str(path)
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise LlmpruneError(f"model directory not found: {ref}")
+    from llmprune._network import hub_reachable
+
+    hub_reachable()  # switches to cached-files-only mode at once when offline
     return ref
 
 

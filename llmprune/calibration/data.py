@@ -36,9 +36,9 @@ _STREAM_FACTOR = 4
 
 
 def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get(
-        "HF_DATASETS_OFFLINE", "0"
-    ) not in ("0", "", "false")
+    from llmprune._network import hub_reachable
+
+    return not hub_reachable()
 
 
 def _load_file_texts(path: Path, text_field: str) -> list[str]:

@@ -1,0 +1,116 @@
+"""Issue-2 quality table: dense vs magnitude / Wanda / SparseGPT on SmolLM2-135M.
+
+Protocol (one for all rows):
+  * calibration: 64 samples x 512 tokens from the shipped C4 parquet, seed 0;
+  * WikiText-2 raw test joined with "\\n\\n", non-overlapping 512-token windows,
+    first --windows windows (default 100), mean NLL over all predicted tokens;
+  * each pruned row is produced by the real CLI (`llmprune compress`) in a
+    subprocess, whose wall time and peak RSS are recorded.
+
+Usage:
+    python eval/foundation_table.py --shared ../shared --out eval/RESULTS.md [--windows 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import llmprune
+from llmprune.perplexity import perplexity, token_stream, wikitext2_text
+
+ROWS = [
+    ("magnitude", "0.5"), ("wanda", "0.5"), ("sparsegpt", "0.5"),
+    ("magnitude", "4:8"), ("wanda", "4:8"), ("sparsegpt", "4:8"),
+    ("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4"),
+]
+
+
+def run_compress(method: str, sparsity: str, calib: Path, out: Path, nsamples: int, seqlen: int) -> dict:
+    cmd = [
+        sys.executable, "-m", "llmprune", "compress", "smollm2-135m", "--method", method, "--sparsity", sparsity,
+        "--calib", str(calib), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--seed", "0",
+        "--device", "cpu", "--output", str(out), "-q",
+    ]
+    # A wrapper child per run so ru_maxrss is this run's peak, not the max over all runs.
+    wrapper = (
+        "import resource,subprocess,sys,time;t=time.perf_counter();r=subprocess.run(sys.argv[1:]);"
+        "print('@@', time.perf_counter()-t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+    )
+    res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("@@")][-1].split()
+    if int(line[3]) != 0:
+        raise RuntimeError(f"compress failed: {res.stderr[-2000:]}")
+    return {"wall_s": float(line[1]), "peak_rss_mib": int(line[2]) / 1024, "cmd": " ".join(["llmprune", *cmd[3:]])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", default="../shared")
+    ap.add_argument("--out", default="eval/RESULTS.md")
+    ap.add_argument("--windows", type=int, default=100)
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--rows", default="all", help="comma list like wanda:2:4,magnitude:0.5 (default all)")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    shared = Path(args.shared)
+    calib = shared / "data" / "c4" / "c4_validation_2k.parquet"
+    tok = llmprune.load_tokenizer("smollm2-135m")
+    ids = token_stream(tok, wikitext2_text(shared / "data" / "wikitext2" / "wiki.test.raw.txt"))
+    rows = ROWS if args.rows == "all" else [tuple(r.split(":", 1)) for r in args.rows.split(",")]
+    results = []
+    t0 = time.perf_counter()
+    dense = perplexity(llmprune.load("smollm2-135m"), ids, args.seqlen, args.windows, progress=False)
+    results.append({"method": "dense", "sparsity": "-", "ppl": dense.ppl, "windows": dense.windows})
+    print(f"dense ppl {dense.ppl:.3f}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, sparsity in rows:
+            out = Path(tmp) / f"{method}-{sparsity.replace(':', 'of')}"
+            info = run_compress(method, sparsity, calib, out, args.nsamples, args.seqlen)
+            meta = json.loads((out / "llmprune.json").read_text())
+            res = perplexity(llmprune.load(out), ids, args.seqlen, args.windows, progress=False)
+            row = {"method": method, "sparsity": sparsity, "ppl": res.ppl, "windows": res.windows,
+                   "achieved": meta["sparsity"]["overall"], **info}
+            results.append(row)
+            print(f"{method} {sparsity}: ppl {res.ppl:.3f} (achieved {row['achieved']:.4f}, "
+                  f"compress {info['wall_s']:.0f}s, peak RSS {info['peak_rss_mib']:.0f} MiB)", flush=True)
+    total = time.perf_counter() - t0
+    lines = [
+        "# Foundation results: SmolLM2-135M-Instruct, WikiText-2 perplexity",
+        "",
+        f"Produced by `python eval/foundation_table.py --windows {args.windows}` in {total / 60:.0f} min on "
+        f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32. "
+        "The machine was shared with other jobs while this ran, so times are upper bounds.",
+        "",
+        f"- Calibration: {args.nsamples} samples x {args.seqlen} tokens from `../shared/data/c4/c4_validation_2k.parquet`, seed 0.",
+        f"- Perplexity: WikiText-2 raw test joined with \"\\n\\n\", non-overlapping {args.seqlen}-token windows, first "
+        f"{dense.windows} windows ({dense.tokens} predicted tokens), mean NLL over all predicted tokens.",
+        "- Unstructured 0.5 is per output row for magnitude and Wanda, per 128-column block for SparseGPT (its paper's choice).",
+        "",
+        "| method | sparsity | achieved | WikiText-2 ppl | compress wall (s) | compress peak RSS (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['method']} | {r['sparsity']} | {r.get('achieved', 0):.4f} | {r['ppl']:.2f} | "
+            f"{r.get('wall_s', float('nan')):.0f} | {r.get('peak_rss_mib', float('nan')):.0f} |"
+        )
+    lines += ["", "Commands (per row):", ""]
+    lines += [f"    {r['cmd']}" for r in results if "cmd" in r]
+    lines.append("")
+    Path(args.out).write_text("\n".join(lines))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny random models and a tiny offline tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run through the interpreter on CPU (set before triton is imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+C4_PARQUET = SHARED / "data" / "c4" / "c4_validation_2k.parquet"
+WIKITEXT = SHARED / "data" / "wikitext2" / "wiki.test.raw.txt"
+
+TINY_VOCAB = 128
+
+
+def needs_shared(path: Path):
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (CI provides ../shared)")
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over a fixed vocabulary (no download, no model needed)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(TINY_VOCAB - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_text(n_words: int = 4000, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, TINY_VOCAB, (n_words,), generator=g)
+    return " ".join(f"w{i - 3}" for i in ids.tolist())
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=TINY_VOCAB,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_model(arch: str, seed: int = 0):
+    """Tiny random causal LM of a given architecture family."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if arch == "llama":
+        return tiny_llama(seed)
+    if arch == "mistral":
+        cfg = tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, sliding_window=None, **common)
+        return tf.MistralForCausalLM(cfg).eval()
+    if arch == "qwen2":
+        cfg = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, **common)
+        return tf.Qwen2ForCausalLM(cfg).eval()
+    if arch == "opt":
+        cfg = tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                           word_embed_proj_dim=64, **common)
+        return tf.OPTForCausalLM(cfg).eval()
+    raise ValueError(arch)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny Llama + tokenizer, loadable by path."""
+    model = tiny_llama()
+    d = tmp_path / "tiny-llama"
+    model.save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def tiny_calib_file(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(tiny_text(6000))
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # Tests never touch the network; the Hub is unreachable here anyway.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
