@@ -19,7 +19,7 @@ from llmprune import methods  # noqa: E402,F401  (registers the built-in methods
 from llmprune.api import PruneReport, compress, prune  # noqa: E402
 from llmprune.config import CalibConfig, PruneConfig, Recipe, RuntimeConfig, SaveConfig  # noqa: E402
 from llmprune.errors import ConfigError, LlmpruneError  # noqa: E402
-from llmprune.methods import MagnitudeConfig, SparseGPTConfig, WandaConfig  # noqa: E402
+from llmprune.methods import CFSPConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig  # noqa: E402
 from llmprune.models import load_pretrained as load  # noqa: E402
 from llmprune.models import load_tokenizer  # noqa: E402
 from llmprune.perplexity import perplexity  # noqa: E402
@@ -28,6 +28,7 @@ from llmprune.registry import available_methods, register  # noqa: E402
 from llmprune.sparsity import SparsityPattern  # noqa: E402
 
 __all__ = [
+    "CFSPConfig",
     "CalibConfig",
     "ConfigError",
     "LlmpruneError",

@@ -24,6 +24,7 @@ from llmprune.errors import ConfigError
 from llmprune.modeling import DEFAULT_IGNORE, matches_any
 from llmprune.models import load_pretrained, load_tokenizer, resolve_model
 from llmprune.registry import method_for_config
+from llmprune.structured import is_nonuniform
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,10 @@ def compress(
         "command": command or " ".join(sys.argv),
     }
     model.config.use_cache = True
+    save_format = recipe.save.format
+    if save_format == "dense" and is_nonuniform(model):  # per-layer sizes (cfsp): plain "dense" cannot describe them
+        save_format = metadata["format"] = "structured"
     path = save_checkpoint(
-        model, tokenizer, output, metadata=metadata, format=recipe.save.format, overwrite=overwrite
+        model, tokenizer, output, metadata=metadata, format=save_format, overwrite=overwrite
     )
     return CompressResult(path, report, metadata)

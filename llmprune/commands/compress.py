@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shlex
 import sys
@@ -16,6 +17,7 @@ from llmprune.registry import available_methods, get_method, method_for_config
 
 NAME = "compress"
 HELP = "prune a Hugging Face causal LM and save the checkpoint"
+_STAGE_FLAGS = ("prune_heads", "recover_steps", "min_ratio", "max_ratio", "round_to")  # method options (cfsp)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,8 +35,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward (default 8)")
     p.add_argument("--ignore", nargs="+", default=None, metavar="PATTERN", help="module-name patterns left dense")
     p.add_argument("--format", default=None, help="checkpoint format (default dense)")
+    p.add_argument("--prune-heads", action="store_true", default=None, help="cfsp: also remove attention head groups")
+    p.add_argument("--recover-steps", type=int, default=None, help="cfsp: LoRA recovery steps after pruning (default 0)")
+    p.add_argument("--min-ratio", type=float, default=None, help="cfsp: lowest per-layer pruning ratio (default 0)")
+    p.add_argument("--max-ratio", type=float, default=None, help="cfsp: highest per-layer pruning ratio (default 0.8)")
+    p.add_argument("--round-to", type=int, default=None, help="cfsp: kept FFN sizes are multiples of this (default 8)")
     p.add_argument("--output", "-o", default=None, help="output directory (default ./<model>-<method>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def _stage_flags(args: argparse.Namespace, method=None) -> dict:
+    """Method options given as flags (``--prune-heads`` ...), checked against ``method``'s config."""
+    flags = {k: getattr(args, k, None) for k in _STAGE_FLAGS if getattr(args, k, None) is not None}
+    names = {f.name for f in dataclasses.fields(method.config_cls)} if method is not None else set(flags)
+    for key in flags:
+        if key not in names:
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to method {method.name!r} (only to cfsp)")
+    return flags
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
@@ -56,6 +73,13 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
             fields["sparsity"] = args.sparsity
         if args.ignore is not None:
             fields["ignore"] = args.ignore
+        fields.update(_stage_flags(args, method))
+        recipe.stages = [build(method.config_cls, fields, f"method {method.name}")]
+    if _stage_flags(args):
+        if len(recipe.stages) != 1:
+            raise ConfigError("--prune-heads/--recover-steps/--min-ratio/--max-ratio/--round-to need a single-stage recipe")
+        method = method_for_config(recipe.stages[0])
+        fields = {**recipe.stages[0].to_dict(), **_stage_flags(args, method)}
         recipe.stages = [build(method.config_cls, fields, f"method {method.name}")]
     cal = recipe.calibration.to_dict()
     for flag, key in (
@@ -101,5 +125,5 @@ def run(args: argparse.Namespace) -> int:
     )
     size = sum(f.stat().st_size for f in result.output.rglob("*") if f.is_file())
     print(result.report.table())
-    print(f"saved {recipe.save.format} checkpoint to {result.output} ({size / 2**20:.1f} MiB)")
+    print(f"saved {result.metadata.get('format', recipe.save.format)} checkpoint to {result.output} ({size / 2**20:.1f} MiB)")
     return 0
