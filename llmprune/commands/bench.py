@@ -1,0 +1,55 @@
+"""``llmprune bench``: bytes, peak memory, prefill/decode tokens/s, side by side with the dense baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from llmprune.commands.common import add_model_arguments
+from llmprune.errors import ConfigError
+
+NAME = "bench"
+HELP = "checkpoint bytes, peak memory, prefill and decode tokens/s vs the dense baseline"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from llmprune.evaluation import add_runtime_arguments
+
+    add_model_arguments(p, positional_help="checkpoint directory, HF id or alias (default: smollm2-135m)")
+    p.add_argument("--baseline", default="auto", metavar="BASE", help="dense baseline: auto (the checkpoint's base_model; none for other models), none, or a model")
+    p.add_argument("--batch-size", type=int, default=8, help="the chosen batch, measured besides batch 1 (default 8)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (default 3)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--no-record", action="store_true", help="do not merge results into DIR/eval_results.json")
+    add_runtime_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmprune.bench import bench, format_bench
+    from llmprune.checkpoint import read_metadata
+    from llmprune.commands.eval import runtime_options
+    from llmprune.evaluation import is_checkpoint_dir, record_results
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    base = args.baseline
+    if base == "auto":
+        meta = read_metadata(args.model) if is_checkpoint_dir(args.model) else None
+        base = (meta or {}).get("base_model")
+    elif base.lower() == "none":
+        base = None
+    result = bench(
+        args.model, base, runtime=runtime_options(args), batches=[1, args.batch_size], prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, device=args.device, dtype=args.dtype, repeats=args.repeats,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(format_bench(result))
+    if is_checkpoint_dir(args.model) and not args.no_record:
+        path = record_results(args.model, "bench", {k: v for k, v in result.items()})
+        print(f"results recorded in {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0

@@ -1,0 +1,130 @@
+"""``llmprune eval``: lm-eval harness on the model as llmprune loads it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from llmprune.commands.common import add_model_arguments
+from llmprune.errors import ConfigError
+
+NAME = "eval"
+HELP = "lm-eval harness (arc_easy, hellaswag, piqa, ...) on the model as llmprune loads it"
+
+
+def _limit(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from llmprune.evaluation import DATA_ENV, OFFLINE_TASKS, add_runtime_arguments
+
+    add_model_arguments(p, positional_help="checkpoint directory, HF id or alias (default: smollm2-135m)")
+    p.add_argument("--tasks", default=None, help=f"comma-separated lm-eval task names (offline copies: {','.join(OFFLINE_TASKS)})")
+    p.add_argument("--limit", type=_limit, default=None, help="examples per task (int) or fraction (<1); default all")
+    p.add_argument("--batch-size", default="1", help="lm-eval batch size: an int or 'auto' (default 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, 0 for the shipped tasks)")
+    p.add_argument("--data-dir", default=None, help=f"offline jsonl copies (<task>.jsonl); default ${DATA_ENV}; unset = lm-eval's Hub tasks")
+    p.add_argument("--include-path", action="append", default=None, metavar="DIR", help="extra lm-eval task YAML directory (repeatable); overrides shipped tasks")
+    p.add_argument("--write-tasks", default=None, metavar="DIR", help="only write the offline task YAMLs for --data-dir into DIR (for `lm_eval --include_path DIR`) and exit")
+    p.add_argument("--output", "--json", dest="output", default=None, help="also write lm-eval's full results JSON here")
+    p.add_argument("--baseline", nargs="?", const="auto", default=None, metavar="BASE", help="also evaluate the dense baseline (default: the checkpoint's base_model) and store it for the model card; give it after MODEL")
+    p.add_argument("--no-record", action="store_true", help="do not merge results into DIR/eval_results.json")
+    p.add_argument("--seed", type=int, default=1234, help="lm-eval random seed (default 1234)")
+    add_runtime_arguments(p)
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto" or text.startswith("auto:"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"--batch-size must be an int or 'auto', got {text!r}") from None
+    if value < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {value}")
+    return value
+
+
+def runtime_options(args: argparse.Namespace) -> dict:
+    from llmprune.evaluation import FEATURE_SETTINGS, RUNTIME_FEATURES
+
+    keys = [*RUNTIME_FEATURES, *FEATURE_SETTINGS]
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def baseline_ref(model: str | None, baseline: str) -> str:
+    """``--baseline`` value -> a model reference (``auto``: the checkpoint's recorded base model)."""
+    from llmprune.checkpoint import read_metadata
+    from llmprune.evaluation import is_checkpoint_dir
+
+    if baseline != "auto":
+        return baseline
+    meta = read_metadata(model) if is_checkpoint_dir(model) else None
+    if not meta or not meta.get("base_model"):
+        raise ConfigError("--baseline without a value needs an llmprune checkpoint directory (its base_model)")
+    return meta["base_model"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmprune.api import resolve_device
+    from llmprune.evaluation import (
+        evaluate,
+        format_table,
+        is_checkpoint_dir,
+        lm_eval_entries,
+        record_results,
+        resolve_data_dir,
+        setup_runtime,
+        write_task_dir,
+    )
+    from llmprune.models import load_pretrained, load_tokenizer
+
+    if args.write_tasks:
+        data = resolve_data_dir(args.data_dir)
+        if data is None:
+            raise ConfigError("--write-tasks needs --data-dir (or $LLMPRUNE_LM_EVAL_DATA)")
+        out, written = write_task_dir(data, args.write_tasks)
+        if not written:
+            raise ConfigError(f"no <task>.jsonl for the shipped tasks found in {data}")
+        print(f"wrote {len(written)} task YAMLs to {out}: {', '.join(written)}")
+        print(f"use: lm_eval --model hf --model_args pretrained=DIR --tasks {written[0]} --include_path {out}")
+        return 0
+    if not args.tasks:
+        raise ConfigError("--tasks is required (e.g. --tasks arc_easy,hellaswag,piqa)")
+    batch_size = _batch_size(args.batch_size)
+    runtime = runtime_options(args)
+    device = resolve_device(args.device)
+    base = baseline_ref(args.model, args.baseline) if args.baseline else None
+    runs = [(args.model, False)] + ([(base, True)] if base else [])
+    record = is_checkpoint_dir(args.model) and not args.no_record
+    full = {}
+    for ref, is_base in runs:
+        tokenizer = load_tokenizer(ref, args.trust_remote_code)
+        model = load_pretrained(ref, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
+        setup = setup_runtime(model, runtime if not is_base else {})
+        label = "baseline " + str(ref) if is_base else str(ref or "smollm2-135m")
+        print(f"# {label}: {', '.join(setup.features) or 'dense'} on {device}")
+        results = evaluate(
+            model, tokenizer, args.tasks, limit=args.limit, batch_size=batch_size, num_fewshot=args.num_fewshot,
+            data_dir=args.data_dir, include_path=args.include_path, seed=args.seed,
+        )
+        results.setdefault("llmprune", {}).update(model=str(ref), features=setup.features, runtime=setup.options)
+        print(format_table(results))
+        full["baseline" if is_base else "model"] = results
+        if record:
+            entries = lm_eval_entries(results, model=str(ref), runtime=setup.options if not is_base else None)
+            path = record_results(args.model, "lm_eval", entries, baseline=is_base)
+        del model
+    if record:
+        print(f"results recorded in {path}")
+    if args.output:
+        payload = full["model"] if not base else full
+        Path(args.output).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        print(f"lm-eval results written to {args.output}")
+    return 0
