@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--rows", default="all", help="comma list like wanda:2:4,magnitude:0.5 (default all)")
+    ap.add_argument("--append", action="store_true", help="keep rows already in the JSON beside --out; skip them")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     shared = Path(args.shared)
@@ -67,33 +69,50 @@ def main() -> None:
     tok = llmprune.load_tokenizer("smollm2-135m")
     ids = token_stream(tok, wikitext2_text(shared / "data" / "wikitext2" / "wiki.test.raw.txt"))
     rows = ROWS if args.rows == "all" else [tuple(r.split(":", 1)) for r in args.rows.split(",")]
-    results = []
+    json_path = Path(args.out).with_suffix(".json")
+    results = json.loads(json_path.read_text()) if args.append and json_path.exists() else []
+    done = {(r["method"], r["sparsity"]) for r in results}
     t0 = time.perf_counter()
-    dense = perplexity(llmprune.load("smollm2-135m"), ids, args.seqlen, args.windows, progress=False)
-    results.append({"method": "dense", "sparsity": "-", "ppl": dense.ppl, "windows": dense.windows})
-    print(f"dense ppl {dense.ppl:.3f}", flush=True)
+    if ("dense", "-") not in done:
+        dense = perplexity(llmprune.load("smollm2-135m"), ids, args.seqlen, args.windows, progress=False)
+        results.append({"method": "dense", "sparsity": "-", "ppl": dense.ppl, "windows": dense.windows,
+                        "tokens": dense.tokens})
+        print(f"dense ppl {dense.ppl:.3f}", flush=True)
+        write_table(args, results, time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as tmp:
         for method, sparsity in rows:
+            if (method, sparsity) in done:
+                continue
             out = Path(tmp) / f"{method}-{sparsity.replace(':', 'of')}"
             info = run_compress(method, sparsity, calib, out, args.nsamples, args.seqlen)
             meta = json.loads((out / "llmprune.json").read_text())
             res = perplexity(llmprune.load(out), ids, args.seqlen, args.windows, progress=False)
             row = {"method": method, "sparsity": sparsity, "ppl": res.ppl, "windows": res.windows,
-                   "achieved": meta["sparsity"]["overall"], **info}
+                   "tokens": res.tokens, "achieved": meta["sparsity"]["overall"], **info}
             results.append(row)
             print(f"{method} {sparsity}: ppl {res.ppl:.3f} (achieved {row['achieved']:.4f}, "
                   f"compress {info['wall_s']:.0f}s, peak RSS {info['peak_rss_mib']:.0f} MiB)", flush=True)
-    total = time.perf_counter() - t0
+            shutil.rmtree(out, ignore_errors=True)
+            write_table(args, results, time.perf_counter() - t0)
+    print(Path(args.out).read_text())
+
+
+ORDER = [("dense", "-")] + ROWS
+
+
+def write_table(args, results: list[dict], seconds: float) -> None:
+    results = sorted(results, key=lambda r: ORDER.index((r["method"], r["sparsity"])))
+    dense = results[0]
     lines = [
         "# Foundation results: SmolLM2-135M-Instruct, WikiText-2 perplexity",
         "",
-        f"Produced by `python eval/foundation_table.py --windows {args.windows}` in {total / 60:.0f} min on "
+        f"Produced by `python eval/foundation_table.py --windows {args.windows}` (last run {seconds / 60:.0f} min) on "
         f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32. "
         "The machine was shared with other jobs while this ran, so times are upper bounds.",
         "",
         f"- Calibration: {args.nsamples} samples x {args.seqlen} tokens from `../shared/data/c4/c4_validation_2k.parquet`, seed 0.",
         f"- Perplexity: WikiText-2 raw test joined with \"\\n\\n\", non-overlapping {args.seqlen}-token windows, first "
-        f"{dense.windows} windows ({dense.tokens} predicted tokens), mean NLL over all predicted tokens.",
+        f"{dense['windows']} windows ({dense['tokens']} predicted tokens), mean NLL over all predicted tokens.",
         "- Unstructured 0.5 is per output row for magnitude and Wanda, per 128-column block for SparseGPT (its paper's choice).",
         "",
         "| method | sparsity | achieved | WikiText-2 ppl | compress wall (s) | compress peak RSS (MiB) |",
@@ -109,8 +128,6 @@ def main() -> None:
     lines.append("")
     Path(args.out).write_text("\n".join(lines))
     Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()

@@ -162,6 +162,11 @@ def compress(
     progress: bool = True,
     trust_remote_code: bool = False,
     command: str | None = None,
+    low_memory: bool | None = None,
+    resume: bool = False,
+    max_memory: str | int | None = None,
+    offload_dir: str | Path | None = None,
+    dist_reduce: str = "exact",
 ) -> CompressResult:
     """Load ``model_ref``, run the recipe's prune stages, save the checkpoint.
 
@@ -175,13 +180,31 @@ def compress(
         progress: show progress bars.
         trust_remote_code: passed to transformers.
         command: the command line, recorded in the metadata.
+        low_memory: stream the model layer by layer from its safetensors files and write the output shard by
+            shard (:mod:`llmprune.streaming`); None = automatic (when the weights exceed half the available RAM,
+            or for ``resume`` / ``torchrun`` runs), False = always load the whole model.
+        resume: continue an interrupted streaming run from ``<output>.partial`` (same result).
+        max_memory: budget for calibration activations on the device (e.g. ``"20GiB"``); beyond it they live
+            in CPU RAM (CUDA) or on disk (CPU).
+        offload_dir: where activations spilled to disk go (default: inside ``<output>.partial``).
+        dist_reduce: ``"exact"`` (bit-identical to one process) or ``"sum"`` (one all-reduce per statistic)
+            for multi-process runs (:mod:`llmprune.distributed`).
     """
     if not recipe.stages:
         raise ConfigError("the recipe has no prune stages")
     output = check_output(output, overwrite)
-    get_format(recipe.save.format)
+    fmt = get_format(recipe.save.format)
+    if fmt.check is not None:
+        fmt.check(recipe)
     dev = resolve_device(device)
     resolved = resolve_model(model_ref)
+    from llmprune.streaming import StreamOptions, compress_streaming, use_streaming
+
+    stream_dir = use_streaming(resolved, recipe, low_memory=low_memory, resume=resume)
+    if stream_dir is not None:
+        opts = StreamOptions(resume=resume, max_memory=max_memory, offload_dir=offload_dir, dist_reduce=dist_reduce)
+        return compress_streaming(model_ref, stream_dir, recipe, output, device=dev, dtype=dtype, overwrite=overwrite,
+                                  progress=progress, trust_remote_code=trust_remote_code, command=command, options=opts)
     tokenizer = load_tokenizer(resolved, trust_remote_code)
     model = load_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
     calib = None

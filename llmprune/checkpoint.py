@@ -35,18 +35,26 @@ class Format:
     name: str
     save: Callable[[Any, Path], None]
     load: Callable[..., Any] | None = None
+    check: Callable[[Any], None] | None = None  # check(recipe): cheap validation before any work
 
 
 _FORMATS: dict[str, Format] = {}
 
 
-def register_format(name: str, *, load: Callable[..., Any] | None = None) -> Callable:
-    """Register ``save(model, directory)`` for format ``name`` (decorator)."""
+def register_format(
+    name: str, *, load: Callable[..., Any] | None = None, check: Callable[[Any], None] | None = None
+) -> Callable:
+    """Register ``save(model, directory)`` for format ``name`` (decorator).
+
+    ``load(directory, dtype=, device=)`` is used instead of plain transformers when given; ``check(recipe)``
+    runs before any pruning work and raises :class:`~llmprune.errors.ConfigError` for recipes the format
+    cannot store.
+    """
 
     def deco(save: Callable[[Any, Path], None]) -> Callable:
         if name in _FORMATS:
             raise ValueError(f"format {name!r} registered twice")
-        _FORMATS[name] = Format(name, save, load)
+        _FORMATS[name] = Format(name, save, load, check)
         return save
 
     return deco

@@ -15,11 +15,17 @@ import logging
 import os
 import sys
 
+from llmprune.commands import bench as _bench
 from llmprune.commands import compress as _compress
+from llmprune.commands import convert as _convert
+from llmprune.commands import eval as _eval
+from llmprune.commands import generate as _generate
 from llmprune.commands import ppl as _ppl
+from llmprune.commands import push as _push
+from llmprune.commands import train_gates as _train_gates
 from llmprune.errors import LlmpruneError
 
-COMMANDS = (_compress, _ppl)
+COMMANDS = (_compress, _ppl, _eval, _bench, _push, _convert, _train_gates, _generate)
 
 
 class _Parser(argparse.ArgumentParser):

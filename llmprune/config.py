@@ -125,16 +125,26 @@ class RuntimeConfig:
     Attributes:
         kv_sparsity: fraction of K/V entries pruned per token (bitmap KV cache), or None.
         attn_sparsity: fraction of KV blocks skipped by learned gates, or None.
+        kv_k_sparsity, kv_v_sparsity: separate K / V sparsity (override ``kv_sparsity``), or None.
+        kv_window: recent tokens the bitmap KV cache keeps dense (default 32), or None.
     """
 
     kv_sparsity: float | None = None
     attn_sparsity: float | None = None
+    kv_k_sparsity: float | None = None
+    kv_v_sparsity: float | None = None
+    kv_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv_sparsity is not None:
             _check_float("runtime.kv_sparsity", self.kv_sparsity, 0.0, 0.99)
         if self.attn_sparsity is not None:
             _check_float("runtime.attn_sparsity", self.attn_sparsity, 0.0, 0.99)
+        for name in ("kv_k_sparsity", "kv_v_sparsity"):
+            if getattr(self, name) is not None:
+                _check_float(f"runtime.{name}", getattr(self, name), 0.0, 0.99)
+        if self.kv_window is not None:
+            _check_int("runtime.kv_window", self.kv_window)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

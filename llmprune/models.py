@@ -99,6 +99,10 @@ def resolve_model(ref: str | os.PathLike | None) -> str:
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
+            from llmprune.gates import gates_base_model
+
+            if gates_base_model(path):  # a gates-only directory written by ``llmprune train-gates``
+                return resolve_model(gates_base_model(path))
             raise LlmpruneError(f"{ref} is not a model directory (no config.json)")
         return str(path)
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
@@ -125,6 +129,7 @@ def load_pretrained(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    gates: bool = True,
 ):
     """Load a causal LM from an alias, a local directory or a Hub id.
 
@@ -136,6 +141,7 @@ def load_pretrained(
         dtype: ``"auto"`` keeps the checkpoint's dtype.
         device: where to put the model (default: CPU; layers are moved during pruning).
         trust_remote_code: passed to transformers; off unless the user asks.
+        gates: attach the learned attention gates found in ``ref`` (``attn_gates.safetensors``), if any.
     """
     from transformers import AutoModelForCausalLM
 
@@ -145,7 +151,7 @@ def load_pretrained(
     torch_dtype = parse_dtype(dtype)
     special = load_checkpoint_format(path, torch_dtype, device)
     if special is not None:
-        return special
+        return _with_gates(special, ref, gates)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
@@ -153,4 +159,12 @@ def load_pretrained(
     model.eval()
     if device is not None:
         model.to(device)
+    return _with_gates(model, ref, gates)
+
+
+def _with_gates(model, ref, gates: bool):
+    if gates and ref is not None and (Path(ref).expanduser() / "attn_gates.safetensors").is_file():
+        from llmprune.gate_runtime import attach_gates
+
+        attach_gates(model, Path(ref).expanduser())
     return model

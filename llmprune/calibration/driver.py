@@ -164,6 +164,7 @@ def prune_layerwise(
     device: torch.device,
     ignore: Callable[[str], bool],
     progress: bool = True,
+    reduce: Callable[[dict], None] | None = None,
 ) -> list[ModuleReport]:
     """Prune every linear of every decoder layer with a ``"linear"`` method.
 
@@ -175,6 +176,9 @@ def prune_layerwise(
         device: where each layer runs.
         ignore: predicate on full module names; True = leave dense.
         progress: show a progress bar over layers.
+        reduce: called with ``{module name: {stat name: accumulator}}`` once the layer's local batches are
+            accumulated and before any mask is computed; distributed runs all-reduce the accumulators' ``sum``
+            tensors and ``count`` here (see :func:`llmprune.distributed.make_reduce`). None: nothing.
 
     Returns:
         One :class:`ModuleReport` per pruned linear.
@@ -203,6 +207,8 @@ def prune_layerwise(
             finally:
                 for h in handles:
                     h.remove()
+            if reduce is not None:
+                reduce(stats)
         stat_seconds = time.perf_counter() - t0
         for name, mod in targets.items():
             t1 = time.perf_counter()

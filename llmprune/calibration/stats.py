@@ -47,7 +47,10 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(x.t(), x)
+        # Not a fused ``addmm_``: each batch's contribution is formed on its own and then added, so a
+        # distributed run that adds the same per-batch contributions in the same order is bit-identical
+        # (see llmprune.distributed, "exact" reduction).
+        self.sum += x.t() @ x
         self.count += x.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shlex
 import sys
@@ -34,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward (default 8)")
     p.add_argument("--ignore", nargs="+", default=None, metavar="PATTERN", help="module-name patterns left dense")
-    p.add_argument("--format", default=None, help="checkpoint format (default dense)")
+    p.add_argument("--format", default=None, help="checkpoint format: dense (default) or packed (2:4 values + metadata)")
     p.add_argument("--prune-heads", action="store_true", default=None, help="cfsp: also remove attention head groups")
     p.add_argument("--recover-steps", type=int, default=None, help="cfsp: LoRA recovery steps after pruning (default 0)")
     p.add_argument("--min-ratio", type=float, default=None, help="cfsp: lowest per-layer pruning ratio (default 0)")
@@ -42,6 +43,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-to", type=int, default=None, help="cfsp: kept FFN sizes are multiples of this (default 8)")
     p.add_argument("--output", "-o", default=None, help="output directory (default ./<model>-<method>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the checkpoint (with a model card) to this Hub repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="stream weights layer by layer from the safetensors files and write shards as layers finish "
+                        "(default: automatic, when the weights exceed half the free RAM)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <output>.partial")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="budget for calibration activations on the device, e.g. 20GiB (default 30%% of GPU memory)")
+    p.add_argument("--offload-dir", default=None, metavar="DIR", help="where activations spilled to disk go")
+    p.add_argument("--dist-reduce", default="exact", choices=("exact", "sum"),
+                   help="torchrun runs: exact (bit-identical to one process, default) or sum (one all-reduce)")
 
 
 def _stage_flags(args: argparse.Namespace, method=None) -> dict:
@@ -111,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.api import compress
 
     recipe = recipe_from_args(args)
+    if args.push_to_hub:
+        from llmprune.hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)  # before any work
     output = Path(args.output) if args.output else default_output(args.model, recipe)
     result = compress(
         args.model,
@@ -119,11 +135,22 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        low_memory=args.low_memory,
+        resume=args.resume,
+        max_memory=args.max_memory,
+        offload_dir=args.offload_dir,
+        dist_reduce=args.dist_reduce,
         progress=not args.quiet,
         trust_remote_code=args.trust_remote_code,
         command=shlex.join(["llmprune", *sys.argv[1:]]),
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports (and wrote the checkpoint)
+        return 0
     size = sum(f.stat().st_size for f in result.output.rglob("*") if f.is_file())
     print(result.report.table())
     print(f"saved {result.metadata.get('format', recipe.save.format)} checkpoint to {result.output} ({size / 2**20:.1f} MiB)")
+    if args.push_to_hub:
+        from llmprune.hub import push
+
+        print(f"pushed to {push(result.output, args.push_to_hub, private=args.private)}")
     return 0
