@@ -118,11 +118,16 @@ def write_table(args, results: list[dict], seconds: float) -> None:
         "| method | sparsity | achieved | WikiText-2 ppl | compress wall (s) | compress peak RSS (MiB) |",
         "|---|---|---|---|---|---|",
     ]
+    def num(r: dict, key: str, fmt: str) -> str:
+        return format(r[key], fmt) if key in r else "-"
+
     for r in results:
         lines.append(
-            f"| {r['method']} | {r['sparsity']} | {r.get('achieved', 0):.4f} | {r['ppl']:.2f} | "
-            f"{r.get('wall_s', float('nan')):.0f} | {r.get('peak_rss_mib', float('nan')):.0f} |"
+            f"| {r['method']} | {r['sparsity']} | {num(r, 'achieved', '.4f')} | {r['ppl']:.2f} | "
+            f"{num(r, 'wall_s', '.0f')} | {num(r, 'peak_rss_mib', '.0f')} |"
         )
+    notes = getattr(args, "notes", [])
+    lines += [""] + [f"- {n}" for n in notes] if notes else []
     lines += ["", "Commands (per row):", ""]
     lines += [f"    {r['cmd']}" for r in results if "cmd" in r]
     lines.append("")
