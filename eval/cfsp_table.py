@@ -147,7 +147,7 @@ def main() -> None:
     t = time.perf_counter()
     cache = Path(args.stats_cache) if args.stats_cache else None
     if cache is not None and cache.is_file():
-        stats = [LayerStats(**d) for d in torch.load(cache)]
+        stats = [LayerStats(**d) for d in torch.load(cache, weights_only=True)]
     else:
         stats = collect_stats(dense_model, calib, ctx.device, 8, heads=True, progress=False)
         if cache is not None:

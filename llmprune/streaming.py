@@ -610,7 +610,7 @@ def _run(model_ref, path, recipe, output, device, dtype, overwrite, progress, tr
     # ---- calibration ids (rank 0 computes, then broadcast; saved for --resume)
     calib_file = work / "calib.pt"
     if state is not None:
-        calib = torch.load(calib_file) if ctx.is_main else None
+        calib = torch.load(calib_file, weights_only=True) if ctx.is_main else None
         calib_cfg = CalibConfig(**state["calibration"])
     elif ctx.is_main:
         calib, calib_cfg = (None, recipe.calibration)
@@ -661,7 +661,7 @@ def _run(model_ref, path, recipe, output, device, dtype, overwrite, progress, tr
             hidden = dict(zip(mine, captured.hidden))
             del captured
         else:
-            saved = torch.load(inputs_file, weights_only=False)
+            saved = torch.load(inputs_file, weights_only=True)
             extra = LayerInputs([], _to(saved["args"], device), _to(saved["kwargs"], device))
             hidden = None
         nbytes = sum(t.numel() * t.element_size() for t in hidden.values()) if hidden else 0
