@@ -47,7 +47,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune import __version__
-from llmprune.calibration.driver import LayerInputs, ModuleReport, _feed, _to, capture_layer_inputs, run_layer
+from llmprune.calibration.driver import (
+    LayerInputs,
+    ModuleReport,
+    _feed,
+    _to,
+    apply_method,
+    capture_layer_inputs,
+    run_layer,
+)
 from llmprune.calibration.stats import make_accumulator
 from llmprune.checkpoint import METADATA_FILE, check_output
 from llmprune.config import CalibConfig, Recipe
@@ -832,15 +840,4 @@ def _prune_layer(layer, idx, prefix, method, config, extra, store, mine, n_batch
                 h.remove()
         if ctx.enabled and reduce_mode == "sum":
             allreduce_stats(stats, ctx)
-    stat_seconds = time.perf_counter() - t0
-    reports = []
-    for name, mod in targets.items():
-        t1 = time.perf_counter()
-        results = {s: acc.result() for s, acc in stats.get(name, {}).items()}
-        new_weight, mask = method.fn(mod.weight.data, results, config)
-        mod.weight.data.copy_(new_weight)
-        sparsity = 1.0 - float(mask.sum().item()) / mask.numel()
-        secs = time.perf_counter() - t1 + stat_seconds / max(len(targets), 1)
-        reports.append(ModuleReport(f"{prefix}.{idx}.{name}", idx, tuple(mod.weight.shape), sparsity, secs,
-                                    method.name))
-    return reports
+    return apply_method(method, config, targets, stats, prefix, idx, time.perf_counter() - t0)

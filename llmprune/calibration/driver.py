@@ -154,6 +154,25 @@ class ModuleReport:
     method: str
 
 
+def apply_method(
+    method, config, targets: dict[str, nn.Linear], stats: dict[str, dict], prefix: str, idx: int, stat_seconds: float
+) -> list[ModuleReport]:
+    """Prune each target linear of decoder layer ``idx`` in place from its finished statistics.
+
+    ``stat_seconds`` (the layer's statistics pass) is shared evenly across the targets' reported times.
+    """
+    reports = []
+    for name, mod in targets.items():
+        t1 = time.perf_counter()
+        results = {s: acc.result() for s, acc in stats.get(name, {}).items()}
+        new_weight, mask = method.fn(mod.weight.data, results, config)
+        mod.weight.data.copy_(new_weight)
+        sparsity = 1.0 - float(mask.sum().item()) / mask.numel()
+        secs = time.perf_counter() - t1 + stat_seconds / max(len(targets), 1)
+        reports.append(ModuleReport(f"{prefix}.{idx}.{name}", idx, tuple(mod.weight.shape), sparsity, secs, method.name))
+    return reports
+
+
 @torch.no_grad()
 def prune_layerwise(
     model: nn.Module,
@@ -209,17 +228,7 @@ def prune_layerwise(
                     h.remove()
             if reduce is not None:
                 reduce(stats)
-        stat_seconds = time.perf_counter() - t0
-        for name, mod in targets.items():
-            t1 = time.perf_counter()
-            results = {s: acc.result() for s, acc in stats.get(name, {}).items()}
-            new_weight, mask = method.fn(mod.weight.data, results, config)
-            mod.weight.data.copy_(new_weight)
-            sparsity = 1.0 - float(mask.sum().item()) / mask.numel()
-            secs = time.perf_counter() - t1 + stat_seconds / max(len(targets), 1)
-            reports.append(
-                ModuleReport(f"{prefix}.{idx}.{name}", idx, tuple(mod.weight.shape), sparsity, secs, method.name)
-            )
+        reports.extend(apply_method(method, config, targets, stats, prefix, idx, time.perf_counter() - t0))
         del stats
         if inputs is not None and idx + 1 < len(layers):
             for b in range(len(inputs)):
