@@ -605,18 +605,16 @@ def perplexity_with_cache(
     """
     from tqdm.auto import tqdm
 
+    from llmprune.perplexity import eval_windows
+
     v_sparsity = k_sparsity if v_sparsity is None else v_sparsity
-    stream = input_ids.reshape(-1)
-    n_windows = stream.numel() // seqlen
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
-    if n_windows == 0:
-        raise LlmpruneError(f"text has {stream.numel()} tokens, fewer than one window of {seqlen}")
+    windows = eval_windows(input_ids, seqlen, max_windows)
+    n_windows = windows.shape[0]
     device = next(model.parameters()).device
     total_nll, total_tokens, ratio, ratio16 = 0.0, 0, float("nan"), float("nan")
     t0 = time.perf_counter()
     for w in tqdm(range(n_windows), desc="perplexity (kv cache)", unit="window", disable=not progress):
-        ids = stream[w * seqlen : (w + 1) * seqlen].to(device).unsqueeze(0)
+        ids = windows[w : w + 1].to(device)
         cache = BitmapKVCache(model.config, k_sparsity, v_sparsity, window=window, backend=backend)
         logits = []
         for s in range(0, seqlen, window):

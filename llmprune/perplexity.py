@@ -69,6 +69,21 @@ def token_stream(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids
 
 
+def eval_windows(input_ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``[n_windows, seqlen]`` windows of a ``[1, N]`` token stream (remainder dropped).
+
+    Raises:
+        LlmpruneError: when the stream holds less than one window.
+    """
+    stream = input_ids.reshape(-1)
+    n_windows = stream.numel() // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise LlmpruneError(f"text has {stream.numel()} tokens, fewer than one window of {seqlen}")
+    return stream[: n_windows * seqlen].view(n_windows, seqlen)
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -90,14 +105,9 @@ def perplexity(
     Returns:
         :class:`PerplexityResult`.
     """
-    stream = input_ids.reshape(-1)
-    n_windows = stream.numel() // seqlen
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
-    if n_windows == 0:
-        raise LlmpruneError(f"text has {stream.numel()} tokens, fewer than one window of {seqlen}")
+    windows = eval_windows(input_ids, seqlen, max_windows)
+    n_windows = windows.shape[0]
     device = next(model.parameters()).device
-    windows = stream[: n_windows * seqlen].view(n_windows, seqlen)
     total_nll = 0.0
     total_tokens = 0
     t0 = time.perf_counter()
