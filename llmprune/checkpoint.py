@@ -104,6 +104,21 @@ def check_output(output: str | os.PathLike, overwrite: bool) -> Path:
     return output
 
 
+def move_into_place(src: Path, output: Path) -> None:
+    """Rename the finished directory ``src`` to ``output``, replacing an existing ``output``.
+
+    Both are on one filesystem, so each step is an atomic rename: a reader sees the old
+    checkpoint or the new one, never a mix; the old one is deleted only after the swap.
+    """
+    if output.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.replace(output, old / "x")
+        os.replace(src, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, output)
+
+
 def save_checkpoint(
     model,
     tokenizer,
@@ -140,13 +155,7 @@ def save_checkpoint(
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / "x")
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
+        move_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from llmprune.errors import ConfigError, LlmpruneError
+from llmprune.sparsity import topk_mask
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,6 @@ def keep_count(head_dim: int, sparsity: float) -> int:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
         raise ConfigError(f"KV sparsity must be a number in [0, 1), got {sparsity!r}")
     return max(1, head_dim - int(round(float(sparsity) * head_dim)))
-
-
-def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask keeping the ``k`` largest ``|x|`` along the last dimension (per token, per head)."""
-    d = x.shape[-1]
-    if not 1 <= k <= d:
-        raise ValueError(f"k must be in [1, {d}], got {k}")
-    if k == d:
-        return torch.ones_like(x, dtype=torch.bool)
-    idx = x.abs().topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
 
 
 def prune_topk(x: torch.Tensor, k: int) -> torch.Tensor:

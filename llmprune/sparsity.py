@@ -100,6 +100,25 @@ def per_row_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
     return mask
 
 
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask of the ``k`` largest ``|x|`` along the last dimension (e.g. per KV-cache token and head).
+
+    Args:
+        x: ``[..., d]`` values (their magnitude is the score).
+        k: entries kept per last-dim vector, ``1 <= k <= d``.
+
+    Returns:
+        bool mask shaped like ``x`` with exactly ``k`` True per vector.
+    """
+    d = x.shape[-1]
+    if not 1 <= k <= d:
+        raise ValueError(f"k must be in [1, {d}], got {k}")
+    if k == d:
+        return torch.ones_like(x, dtype=torch.bool)
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+
+
 def tensor_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
     """Prune the ``floor(numel * ratio)`` lowest scores of the whole tensor.
 

@@ -38,7 +38,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,7 +56,7 @@ from llmprune.calibration.driver import (
     run_layer,
 )
 from llmprune.calibration.stats import make_accumulator
-from llmprune.checkpoint import METADATA_FILE, check_output
+from llmprune.checkpoint import METADATA_FILE, check_output, move_into_place
 from llmprune.config import CalibConfig, Recipe
 from llmprune.errors import ConfigError, LlmpruneError
 from llmprune.modeling import DEFAULT_IGNORE, decoder_layers, decoder_layers_path, linear_modules, matches_any
@@ -792,15 +791,9 @@ def _finalize(model, path: Path, tokenizer, ckpt: Path, work: Path, output: Path
         tokenizer.save_pretrained(ckpt)
     (ckpt / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
     output.parent.mkdir(parents=True, exist_ok=True)
-    if output.exists():
-        if not overwrite:
-            raise LlmpruneError(f"output {output} already exists (pass --overwrite to replace it)")
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.replace(output, old / "x")
-        os.replace(ckpt, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(ckpt, output)
+    if output.exists() and not overwrite:
+        raise LlmpruneError(f"output {output} already exists (pass --overwrite to replace it)")
+    move_into_place(ckpt, output)
     shutil.rmtree(work, ignore_errors=True)
     if hidden_dir is not None:
         shutil.rmtree(hidden_dir, ignore_errors=True)

@@ -18,6 +18,27 @@ WIKITEXT = SHARED / "data" / "wikitext2" / "wiki.test.raw.txt"
 
 TINY_VOCAB = 128
 
+# Kernel-vs-reference tolerance on ||out - ref|| / ||ref||, keyed by the reference dtype: kernels
+# accumulate in fp32 but sum in another order and round P to the input dtype before P @ V (flash-attention
+# style), so outputs differ by about one rounding of the dtype.
+KERNEL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+
+
+def check_close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """Kernel output ``y`` matches ``ref``: same shape, finite, relative error within :data:`KERNEL_TOL`.
+
+    Besides the norm-relative error, no single element may be off by more than 10x the tolerance
+    of ``max |ref|`` (a handful of wrong outputs in a large tensor barely moves the norm).
+    """
+    assert y.shape == ref.shape, f"shape {tuple(y.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(y).all(), "non-finite outputs"
+    tol = KERNEL_TOL[ref.dtype]
+    diff = y.float() - ref.float()
+    err = diff.norm() / ref.float().norm().clamp_min(1e-12)
+    assert err <= tol, f"relative error {err:.3g} > {tol}"
+    worst = diff.abs().max() / ref.float().abs().max().clamp_min(1e-12)
+    assert worst <= 10 * tol, f"max elementwise error {worst:.3g} of max |ref| > {10 * tol}"
+
 
 def needs_shared(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (CI provides ../shared)")
@@ -91,6 +112,17 @@ def tiny_model_dir(tmp_path):
     model.save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def checkpoint(tiny_model_dir, tmp_path):
+    """A tiny llmprune checkpoint (magnitude 2:4, no calibration) whose base_model is tiny_model_dir."""
+    from llmprune.cli import main
+
+    code = main(["compress", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "2:4", "--device", "cpu",
+                 "-o", str(tmp_path / "ckpt"), "-q"])
+    assert code == 0
+    return tmp_path / "ckpt"
 
 
 @pytest.fixture

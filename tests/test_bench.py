@@ -17,14 +17,6 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-@pytest.fixture
-def checkpoint(tiny_model_dir, tmp_path):
-    code = main(["compress", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "2:4", "--device", "cpu",
-                 "-o", str(tmp_path / "ckpt"), "-q"])
-    assert code == 0
-    return tmp_path / "ckpt"
-
-
 FAST = ["--prompt-len", 8, "--new-tokens", 2, "--repeats", 1, "--batch-size", 2, "--device", "cpu"]
 
 

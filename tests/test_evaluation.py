@@ -36,15 +36,6 @@ def data_dir(tmp_path):
     return d
 
 
-@pytest.fixture
-def checkpoint(tiny_model_dir, tmp_path):
-    """A tiny llmprune checkpoint (magnitude 2:4, no calibration) whose base_model is tiny_model_dir."""
-    code = main(["compress", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "2:4", "--device", "cpu",
-                 "-o", str(tmp_path / "ckpt"), "-q"])
-    assert code == 0
-    return tmp_path / "ckpt"
-
-
 def test_task_templates_ship_every_task():
     for task in OFFLINE_TASKS:
         cfg = yaml.safe_load((evaluation.TASKS_DIR / f"{task}.yaml").read_text())

@@ -38,14 +38,6 @@ class FakeApi:
         return "commit-url"
 
 
-@pytest.fixture
-def checkpoint(tiny_model_dir, tmp_path):
-    code = main(["compress", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "2:4", "--device", "cpu",
-                 "-o", str(tmp_path / "ckpt"), "-q"])
-    assert code == 0
-    return tmp_path / "ckpt"
-
-
 def _front_matter(card: str) -> dict:
     assert card.startswith("---\n")
     return yaml.safe_load(card.split("---\n")[1])

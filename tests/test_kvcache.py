@@ -16,9 +16,9 @@ from llmprune.kvcache import (
     keep_count,
     pack_bitmap,
     perplexity_with_cache,
-    topk_mask,
     unpack_bitmap,
 )
+from llmprune.sparsity import topk_mask
 
 
 # -- format ---------------------------------------------------------------------------------------------------------

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import check_close
 from llmprune.kernels.sparse24_linear import heuristic_config, sparse24_linear, sparse24_linear_ref
 
 from llmprune.sparse24 import pack_24
 from llmprune.sparsity import nm_mask
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-# Max error relative to max |reference|: summation order differs, so outputs may differ by ~1 ulp.
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def packed(n, k, dtype, seed=0):
@@ -20,13 +19,6 @@ def packed(n, k, dtype, seed=0):
     w[-1, 4:8] = torch.tensor([0.0, 0.0, 1.5, 0.0])
     v, m = pack_24(w.to(dtype))
     return v.to(DEV), m.to(DEV)
-
-
-def check_close(y, ref):
-    scale = ref.float().abs().max().clamp_min(1e-6)
-    err = (y.float() - ref.float()).abs().max() / scale
-    assert torch.isfinite(y).all()
-    assert err <= TOL[ref.dtype], f"relative error {err:.3g} > {TOL[ref.dtype]}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
