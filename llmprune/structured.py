@@ -91,6 +91,13 @@ def kv_heads(layer: nn.Module) -> int:
     return attn.k_proj.out_features // attn.head_dim
 
 
+def group_params(layer: nn.Module) -> int:
+    """Parameters of one KV head group: its query heads' q rows and o columns, its k and v rows."""
+    attn = attn_of(layer)
+    g = kv_heads(layer)
+    return (attn.q_proj.out_features // g + attn.k_proj.out_features // g) * attn.q_proj.in_features * 2
+
+
 def prune_mlp_channels(layer: nn.Module, keep: torch.Tensor) -> None:
     """Keep FFN channels ``keep`` (sorted LongTensor): gate/up rows and down columns."""
     mlp = mlp_of(layer)

@@ -10,20 +10,13 @@ from conftest import TINY_VOCAB, tiny_llama
 
 import llmprune
 from llmprune import structured
+from llmprune.allocation import allocate_budget, allocate_with_groups, layer_ratios, round_sizes
+from llmprune.calibration.blockstats import angular_distance
 from llmprune.cli import main
 from llmprune.errors import ConfigError
-from llmprune.methods.cfsp import (
-    CFSPConfig,
-    allocate_budget,
-    angular_distance,
-    channel_scores,
-    head_group_scores,
-    kept_channels,
-    layer_ratios,
-    lora_ranks,
-    round_sizes,
-)
+from llmprune.methods.cfsp import CFSPConfig, channel_scores, head_group_scores, kept_channels
 from llmprune.modeling import decoder_layers
+from llmprune.recovery import lora_ranks
 
 IDS = torch.randint(0, TINY_VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
 
@@ -96,6 +89,19 @@ def test_uniform_allocation_and_lora_ranks():
     assert allocate_budget(None, 0.25, 0.0, 0.8, 8, [128, 128, 128]) == [96, 96, 96]
     assert layer_ratios(None, 0.3, 0.0, 0.8, [1.0, 2.0]) == [0.3, 0.3]
     assert lora_ranks([0.1, 0.3], 8) == [4, 12]
+
+
+def test_allocation_with_head_groups():
+    # Two layers of 16 one-parameter channels + 4 groups of 4 parameters (32 each); half of it goes:
+    # whole groups first (2 of 4 = 8 parameters), the channels absorb the other 8.
+    assert allocate_with_groups(None, 0.5, 0.0, 0.8, 1, [16, 16], 1, [4, 4], [4, 4]) == ([8, 8], [2, 2])
+    # The more important layer 1 keeps more: channels and groups.
+    kept, groups = allocate_with_groups([0.1, 0.3], 0.5, 0.0, 0.9, 1, [16, 16], 1, [4, 4], [4, 4])
+    assert kept[1] > kept[0] and groups[1] > groups[0]
+    removed = sum(16 - k for k in kept) + sum((4 - g) * 4 for g in groups)
+    assert abs(removed - 32) <= 1  # the budget holds in total
+    with pytest.raises(ConfigError, match="every attention head group"):
+        allocate_with_groups(None, 0.9, 0.0, 0.95, 1, [16, 16], 1, [1, 1], [4, 4])
 
 
 def test_empty_layer_and_bad_configs_are_clear_errors():
