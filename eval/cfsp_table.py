@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import time
@@ -33,7 +34,8 @@ import llmprune
 from llmprune import structured
 from llmprune.api import PruneContext
 from llmprune.calibration import load_calibration
-from llmprune.methods.cfsp import CFSPConfig, LayerStats, apply_cfsp, collect_stats
+from llmprune.calibration.blockstats import LayerStats, collect_stats
+from llmprune.methods.cfsp import CFSPConfig, apply_cfsp
 from llmprune.modeling import decoder_layers
 from llmprune.perplexity import perplexity, token_stream, wikitext2_text
 
@@ -70,8 +72,8 @@ def write(out: Path, args, rows: list[dict], lat: dict, dense: dict, started: fl
         f"Produced by `python eval/cfsp_table.py --windows {args.windows} --nsamples {args.nsamples} "
         f"--recover-steps {args.recover_steps}` in {(time.perf_counter() - started) / 60:.0f} min on "
         f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32. "
-        "The machine was shared with other jobs (load average above the core count), so absolute times are noisy "
-        "upper bounds; latencies are interleaved medians.",
+        f"1-minute load average at the start / end: {args.load_start:.1f} / {os.getloadavg()[0]:.1f} "
+        f"({os.cpu_count()} cores; this job alone keeps it near the thread count). Latencies are interleaved medians.",
         "",
         f"- Calibration: {args.nsamples} samples x {args.seqlen} tokens from `../shared/data/c4/c4_validation_2k.parquet`, "
         "seed 0; one pass of the dense model gives the statistics every row uses.",
@@ -104,7 +106,8 @@ def write(out: Path, args, rows: list[dict], lat: dict, dense: dict, started: fl
     out.write_text("\n".join(lines))
     minutes = (time.perf_counter() - started) / 60
     out.with_suffix(".json").write_text(
-        json.dumps({"dense": dense, "rows": rows, "latency_s": lat, "minutes": minutes}, indent=2) + "\n")
+        json.dumps({"dense": dense, "rows": rows, "latency_s": lat, "minutes": minutes,
+                    "load_start": args.load_start, "load_end": os.getloadavg()[0]}, indent=2) + "\n")
 
 
 def main() -> None:
@@ -123,8 +126,10 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="render --out from the .json files of earlier (partial) runs instead of measuring")
     args = ap.parse_args()
+    args.load_start = os.getloadavg()[0]
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        args.load_start = max(part.get("load_start", float("nan")) for part in parts)
         rows = list({(r["allocation"], r["sparsity"], r["recover_steps"], r["heads"]): r
                      for part in reversed(parts) for r in part["rows"]}.values())
         order = {"uniform": 0, "coarse": 1}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -46,11 +47,15 @@ def run_compress(method: str, sparsity: str, calib: Path, out: Path, nsamples: i
         "import resource,subprocess,sys,time;t=time.perf_counter();r=subprocess.run(sys.argv[1:]);"
         "print('@@', time.perf_counter()-t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
     )
+    load_before = os.getloadavg()[0]
     res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("@@")][-1].split()
     if int(line[3]) != 0:
         raise RuntimeError(f"compress failed: {res.stderr[-2000:]}")
-    return {"wall_s": float(line[1]), "peak_rss_mib": int(line[2]) / 1024, "cmd": " ".join(["llmprune", *cmd[3:]])}
+    # The 1-minute load average around the run shows whether the timing was taken on an idle machine
+    # (this run alone keeps it near the thread count).
+    return {"wall_s": float(line[1]), "peak_rss_mib": int(line[2]) / 1024, "cmd": " ".join(["llmprune", *cmd[3:]]),
+            "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
@@ -100,6 +105,16 @@ def main() -> None:
 ORDER = [("dense", "-")] + ROWS
 
 
+def load_sentence(results: list[dict]) -> str:
+    loads = [x for r in results for x in (r.get("load_before"), r.get("load_after")) if x is not None]
+    untracked = [f"{r['method']} {r['sparsity']}" for r in results if "wall_s" in r and "load_after" not in r]
+    text = (f"1-minute load average before/after each compress: {min(loads):.1f}-{max(loads):.1f} "
+            f"(this machine has {os.cpu_count()} cores). " if loads else "")
+    if untracked:
+        text += f"Rows without a recorded load ({', '.join(untracked)}) were timed on a shared machine: upper bounds."
+    return text
+
+
 def write_table(args, results: list[dict], seconds: float) -> None:
     results = sorted(results, key=lambda r: ORDER.index((r["method"], r["sparsity"])))
     dense = results[0]
@@ -108,7 +123,7 @@ def write_table(args, results: list[dict], seconds: float) -> None:
         "",
         f"Produced by `python eval/foundation_table.py --windows {args.windows}` (last run {seconds / 60:.0f} min) on "
         f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32. "
-        "The machine was shared with other jobs while this ran, so times are upper bounds.",
+        + load_sentence(results),
         "",
         f"- Calibration: {args.nsamples} samples x {args.seqlen} tokens from `../shared/data/c4/c4_validation_2k.parquet`, seed 0.",
         f"- Perplexity: WikiText-2 raw test joined with \"\\n\\n\", non-overlapping {args.seqlen}-token windows, first "
