@@ -54,7 +54,8 @@ def run_compress(method: str, sparsity: str, calib: Path, out: Path, nsamples: i
         raise RuntimeError(f"compress failed: {res.stderr[-2000:]}")
     # The 1-minute load average around the run shows whether the timing was taken on an idle machine
     # (this run alone keeps it near the thread count).
-    return {"wall_s": float(line[1]), "peak_rss_mib": int(line[2]) / 1024, "cmd": " ".join(["llmprune", *cmd[3:]]),
+    shown = ["OUT" if c == str(out) else c for c in cmd[3:]]  # the temp dir is gone after the run
+    return {"wall_s": float(line[1]), "peak_rss_mib": int(line[2]) / 1024, "cmd": " ".join(["llmprune", *shown]),
             "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
 
 
@@ -62,12 +63,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default="../shared")
     ap.add_argument("--out", default="eval/RESULTS.md")
-    ap.add_argument("--windows", type=int, default=100)
+    ap.add_argument("--windows", type=int, default=100, help="first N WikiText-2 windows (0 = the whole test set)")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--rows", default="all", help="comma list like wanda:2:4,magnitude:0.5 (default all)")
     ap.add_argument("--append", action="store_true", help="keep rows already in the JSON beside --out; skip them")
     args = ap.parse_args()
+    max_windows = args.windows or None
     torch.set_grad_enabled(False)
     shared = Path(args.shared)
     calib = shared / "data" / "c4" / "c4_validation_2k.parquet"
@@ -79,7 +81,7 @@ def main() -> None:
     done = {(r["method"], r["sparsity"]) for r in results}
     t0 = time.perf_counter()
     if ("dense", "-") not in done:
-        dense = perplexity(llmprune.load("smollm2-135m"), ids, args.seqlen, args.windows, progress=False)
+        dense = perplexity(llmprune.load("smollm2-135m"), ids, args.seqlen, max_windows, progress=False)
         results.append({"method": "dense", "sparsity": "-", "ppl": dense.ppl, "windows": dense.windows,
                         "tokens": dense.tokens})
         print(f"dense ppl {dense.ppl:.3f}", flush=True)
@@ -91,7 +93,7 @@ def main() -> None:
             out = Path(tmp) / f"{method}-{sparsity.replace(':', 'of')}"
             info = run_compress(method, sparsity, calib, out, args.nsamples, args.seqlen)
             meta = json.loads((out / "llmprune.json").read_text())
-            res = perplexity(llmprune.load(out), ids, args.seqlen, args.windows, progress=False)
+            res = perplexity(llmprune.load(out), ids, args.seqlen, max_windows, progress=False)
             row = {"method": method, "sparsity": sparsity, "ppl": res.ppl, "windows": res.windows,
                    "tokens": res.tokens, "achieved": meta["sparsity"]["overall"], **info}
             results.append(row)
@@ -121,13 +123,14 @@ def write_table(args, results: list[dict], seconds: float) -> None:
     lines = [
         "# Foundation results: SmolLM2-135M-Instruct, WikiText-2 perplexity",
         "",
-        f"Produced by `python eval/foundation_table.py --windows {args.windows}` (last run {seconds / 60:.0f} min) on "
+        f"Produced by `python eval/foundation_table.py --windows {args.windows}"
+        f"{'' if args.rows == 'all' else ' --rows ' + args.rows} --out {args.out}` (last run {seconds / 60:.0f} min) on "
         f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32. "
         + load_sentence(results),
         "",
         f"- Calibration: {args.nsamples} samples x {args.seqlen} tokens from `../shared/data/c4/c4_validation_2k.parquet`, seed 0.",
-        f"- Perplexity: WikiText-2 raw test joined with \"\\n\\n\", non-overlapping {args.seqlen}-token windows, first "
-        f"{dense['windows']} windows ({dense['tokens']} predicted tokens), mean NLL over all predicted tokens.",
+        f"- Perplexity: WikiText-2 raw test joined with \"\\n\\n\", non-overlapping {args.seqlen}-token windows, "
+        f"{'first ' if args.windows else 'all '}{dense['windows']} windows ({dense['tokens']} predicted tokens), mean NLL over all predicted tokens.",
         "- Unstructured 0.5 is per output row for magnitude and Wanda, per 128-column block for SparseGPT (its paper's choice).",
         "",
         "| method | sparsity | achieved | WikiText-2 ppl | compress wall (s) | compress peak RSS (MiB) |",

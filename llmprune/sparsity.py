@@ -119,6 +119,24 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
 
 
+def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores of a 1-D ``score``, ascending (structured pruning's kept channels).
+
+    Ties go to the lower index, so the choice is deterministic.
+
+    Args:
+        score: ``[n]`` importance per channel / head group.
+        k: how many to keep, ``1 <= k <= n``.
+
+    Returns:
+        ``[k]`` sorted LongTensor.
+    """
+    if not 0 < k <= score.numel():
+        raise ConfigError(f"cannot keep {k} of {score.numel()} channels")
+    order = torch.argsort(score.float(), descending=True, stable=True)
+    return torch.sort(order[:k]).values
+
+
 def tensor_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
     """Prune the ``floor(numel * ratio)`` lowest scores of the whole tensor.
 

@@ -14,9 +14,10 @@ from llmprune.allocation import allocate_budget, allocate_with_groups, layer_rat
 from llmprune.calibration.blockstats import angular_distance
 from llmprune.cli import main
 from llmprune.errors import ConfigError
-from llmprune.methods.cfsp import CFSPConfig, channel_scores, head_group_scores, kept_channels
+from llmprune.methods.cfsp import CFSPConfig, channel_scores, head_group_scores
 from llmprune.modeling import decoder_layers
 from llmprune.recovery import lora_ranks
+from llmprune.sparsity import top_indices
 
 IDS = torch.randint(0, TINY_VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
 
@@ -36,12 +37,8 @@ def test_channel_scores_and_choice_on_hand_built_layer():
     down = torch.tensor([0.0, 2.0, 4.0, 4.0])
     expected = 2 * gate / gate.sum() + down / down.sum()
     torch.testing.assert_close(s, expected)
-    assert kept_channels(s, 2).tolist() == [2, 3]
-    assert kept_channels(s, 3).tolist() == [1, 2, 3]
-    # ties: the lower index wins; result is sorted
-    assert kept_channels(torch.tensor([1.0, 5.0, 1.0, 1.0]), 2).tolist() == [0, 1]
-    with pytest.raises(ConfigError):
-        kept_channels(s, 0)
+    assert top_indices(s, 2).tolist() == [2, 3]
+    assert top_indices(s, 3).tolist() == [1, 2, 3]
 
 
 def test_head_group_scores_hand_built():
@@ -55,7 +52,7 @@ def test_head_group_scores_hand_built():
     s = head_group_scores(w_q, w_k, w_v, w_o, x_sq, o_sq, 2)
     expected = torch.tensor([2 / 12 + 1 / 4 + 1 / 4 + 2 / 4, 10 / 12 + 3 / 4 + 3 / 4 + 2 / 4])
     torch.testing.assert_close(s, expected)
-    assert kept_channels(s, 1).tolist() == [1]
+    assert top_indices(s, 1).tolist() == [1]
 
 
 def test_angular_distance():
@@ -143,7 +140,7 @@ def _zeroed_copy(model, keep_ch, keep_groups=None):
 
 
 @pytest.mark.parametrize("heads", [False, True])
-def test_removal_preserves_function_on_kept_channels(heads):
+def test_removal_preserves_function_on_top_indices(heads):
     model = tiny_llama().double()
     keep_ch = [torch.tensor([0, 5, 6, 40, 77, 100, 127]), torch.arange(0, 128, 3)]
     keep_groups = [torch.tensor([1]), torch.tensor([0, 1])] if heads else None

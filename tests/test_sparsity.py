@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from llmprune.errors import ConfigError
-from llmprune.sparsity import SparsityPattern, check_nm, nm_mask, per_row_mask, sparsity_of, tensor_mask
+from llmprune.sparsity import (
+    SparsityPattern,
+    check_nm,
+    nm_mask,
+    per_row_mask,
+    sparsity_of,
+    tensor_mask,
+    top_indices,
+)
 
 
 @pytest.mark.parametrize(
@@ -69,3 +77,13 @@ def test_check_nm_detects_violation():
     mask = torch.tensor([[True, True, True, False]])
     assert not check_nm(mask, 2, 4)
     assert check_nm(mask, 3, 4)
+
+
+def test_top_indices_exact_ties_and_bounds():
+    assert top_indices(torch.tensor([0.1, 3.0, 2.0, 0.5]), 2).tolist() == [1, 2]
+    # ties: the lower index wins; the result is sorted ascending
+    assert top_indices(torch.tensor([1.0, 5.0, 1.0, 1.0]), 2).tolist() == [0, 1]
+    assert top_indices(torch.tensor([1.0, 5.0, 1.0]), 3).tolist() == [0, 1, 2]
+    for k in (0, 4):
+        with pytest.raises(ConfigError, match="cannot keep"):
+            top_indices(torch.tensor([1.0, 5.0, 1.0]), k)

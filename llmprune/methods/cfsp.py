@@ -33,7 +33,7 @@ from llmprune.errors import ConfigError
 from llmprune.modeling import decoder_layers, decoder_layers_path, matches_any
 from llmprune.recovery import lora_ranks, recover
 from llmprune.registry import register
-from llmprune.sparsity import SparsityPattern
+from llmprune.sparsity import SparsityPattern, top_indices
 
 log = logging.getLogger(__name__)
 
@@ -148,38 +148,27 @@ def head_group_scores(
     return sum(_normalised(t).view(n_groups, -1).sum(1) for t in terms)
 
 
-def kept_channels(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Indices of the ``n_keep`` highest scores, ascending (ties: lower index wins)."""
-    if not 0 < n_keep <= scores.numel():
-        raise ConfigError(f"cannot keep {n_keep} of {scores.numel()} channels")
-    order = torch.argsort(scores.float(), descending=True, stable=True)
-    return torch.sort(order[:n_keep]).values
-
-
 def _plan(stats: list[LayerStats], model: nn.Module, cfg: CFSPConfig, skip: list[bool]):
-    """Per-layer kept FFN sizes and kept KV groups (None when heads are not pruned)."""
+    """Per-layer kept FFN sizes and kept KV groups (None when heads are not pruned); skipped layers stay whole."""
     layers = decoder_layers(model)
-    sizes = [structured.intermediate_size(layer) for layer in layers]
-    active = [i for i in range(len(layers)) if not skip[i]]
-    if not active:
+    kept = [structured.intermediate_size(layer) for layer in layers]
+    groups = [structured.kv_heads(layer) for layer in layers] if cfg.prune_heads else None
+    act = [i for i, s in enumerate(skip) if not s]
+    if not act:
         raise ConfigError("cfsp: every layer is excluded by ignore patterns")
-    imp = None if cfg.allocation == "uniform" else [stats[i].importance for i in active]
-    opts = (cfg.sparsity.ratio, cfg.min_ratio, cfg.max_ratio, cfg.round_to)
-    kept, kept_groups = list(sizes), None
-    if not cfg.prune_heads:
-        kept_a = allocate_budget(imp, *opts, [sizes[i] for i in active], cfg.power)
+    imp = None if cfg.allocation == "uniform" else [stats[i].importance for i in act]
+    opts = (cfg.sparsity.ratio, cfg.min_ratio, cfg.max_ratio, cfg.round_to, [kept[i] for i in act])
+    if groups is None:
+        new = allocate_budget(imp, *opts, cfg.power)
     else:
         hidden = structured.mlp_of(layers[0]).gate_proj.in_features
-        groups = [structured.kv_heads(layer) for layer in layers]
-        kept_a, groups_a = allocate_with_groups(
-            imp, *opts, [sizes[i] for i in active], 3 * hidden, [groups[i] for i in active],
-            [structured.group_params(layers[i]) for i in active], cfg.power)
-        kept_groups = list(groups)
-        for i, g in zip(active, groups_a):
-            kept_groups[i] = g
-    for i, k in zip(active, kept_a):
+        new, new_groups = allocate_with_groups(imp, *opts, 3 * hidden, [groups[i] for i in act],
+                                               [structured.group_params(layers[i]) for i in act], cfg.power)
+        for i, g in zip(act, new_groups):
+            groups[i] = g
+    for i, k in zip(act, new):
         kept[i] = k
-    return kept, kept_groups
+    return kept, groups
 
 
 @register("cfsp", CFSPConfig, kind="model")
@@ -214,12 +203,12 @@ def apply_cfsp(model: nn.Module, cfg: CFSPConfig, stats: list[LayerStats], ctx, 
         s, mlp = stats[i], structured.mlp_of(layer)
         if kept[i] < mlp.gate_proj.out_features:
             scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, s.mlp_x, s.mlp_h)
-            structured.prune_mlp_channels(layer, kept_channels(scores, kept[i]).to(mlp.gate_proj.weight.device))
+            structured.prune_mlp_channels(layer, top_indices(scores, kept[i]).to(mlp.gate_proj.weight.device))
         if kept_groups is not None and kept_groups[i] < structured.kv_heads(layer):
             a = structured.attn_of(layer)
             scores = head_group_scores(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
                                        s.attn_x, s.attn_o, structured.kv_heads(layer))
-            structured.prune_head_groups(layer, kept_channels(scores, kept_groups[i]))
+            structured.prune_head_groups(layer, top_indices(scores, kept_groups[i]))
         secs = time.perf_counter() - t1 + stat_seconds / len(layers)
         for name, shape in before.items():
             removed = 1.0 - layer.get_submodule(name).weight.numel() / (shape[0] * shape[1])
