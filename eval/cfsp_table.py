@@ -110,6 +110,46 @@ def write(out: Path, args, rows: list[dict], lat: dict, dense: dict, started: fl
                     "load_start": args.load_start, "load_end": os.getloadavg()[0]}, indent=2) + "\n")
 
 
+def latency_sweep(args, dense_model, stats, ctx, tok, out: Path, started: float) -> None:
+    """Decode latency of CFSP models at several sparsities, interleaved with dense, against weight bytes.
+
+    At batch 1 a decode step reads every weight once (the tied embedding as ``lm_head``), so on a
+    bandwidth-bound CPU the speed-up should track the ratio of parameter counts; the table shows both.
+    """
+    models, params = {"dense": dense_model}, {"dense": param_counts(dense_model)["total"]}
+    for spec in args.latency_sweep.split(","):
+        allocation, ratio, *flags = spec.split(":")
+        name = f"cfsp {allocation} {float(ratio):.0%}{' + heads' if 'heads' in flags else ''}"
+        model = copy.deepcopy(dense_model)
+        apply_cfsp(model, CFSPConfig(sparsity=float(ratio), allocation=allocation, prune_heads="heads" in flags,
+                                     max_ratio=0.8, round_to=8), stats, ctx)
+        models[name], params[name] = model, param_counts(model)["total"]
+    lat = latency(models, tok, args.new_tokens, args.reps)
+    lines = [
+        "# CFSP decode latency vs weight bytes: SmolLM2-135M-Instruct on CPU",
+        "",
+        f"Produced by `python eval/cfsp_table.py --latency-sweep {args.latency_sweep} --nsamples {args.nsamples} "
+        f"--reps {args.reps} --out {args.out}` on {platform.machine()} CPU ({torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}, fp32; 1-minute load average at the start / end: {args.load_start:.1f} / "
+        f"{os.getloadavg()[0]:.1f} ({os.cpu_count()} cores).",
+        "",
+        f"Greedy decode, batch 1, {args.new_tokens} new tokens after a 6-token prompt, median of {args.reps} runs "
+        "interleaved across models. Calibration statistics as in `cfsp.md`. `sparsity` is the share of the "
+        "prunable parameters removed (FFN, plus attention with `+ heads`); `weights read` is the model's parameter "
+        "count relative to dense (every weight, the tied embedding as `lm_head`, is read once per decoded token).",
+        "",
+        "| model | params (M) | weights read vs dense | seconds | tokens/s | speed-up vs dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, v in lat.items():
+        lines.append(f"| {k} | {params[k] / 1e6:.2f} | {params[k] / params['dense']:.3f} | {v:.2f} | "
+                     f"{args.new_tokens / v:.1f} | {lat['dense'] / v:.2f}x |")
+    out.write_text("\n".join(lines + [""]))
+    out.with_suffix(".json").write_text(json.dumps({"latency_s": lat, "params": params, "reps": args.reps,
+                                                    "minutes": (time.perf_counter() - started) / 60}, indent=2) + "\n")
+    print("\n".join(lines), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default="../shared")
@@ -123,6 +163,8 @@ def main() -> None:
     ap.add_argument("--stats-cache", default=None, help="reuse the calibration statistics saved at this path")
     ap.add_argument("--rows", default=None,
                     help="only these rows, e.g. coarse:0.2:0,uniform:0.2:0 (allocation:sparsity:recover_steps); no latency")
+    ap.add_argument("--latency-sweep", default=None, metavar="SPEC",
+                    help="only decode latency vs dense, e.g. coarse:0.3,coarse:0.45,coarse:0.3:heads; written to --out")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="render --out from the .json files of earlier (partial) runs instead of measuring")
     args = ap.parse_args()
@@ -158,6 +200,8 @@ def main() -> None:
         if cache is not None:
             torch.save([vars(s) for s in stats], cache)
     print(f"statistics pass {time.perf_counter() - t:.0f}s; importance {[round(s.importance, 3) for s in stats]}", flush=True)
+    if args.latency_sweep:
+        return latency_sweep(args, dense_model, stats, ctx, tok, out, started)
     dense = {"ppl": perplexity(dense_model, ids, args.seqlen, args.windows, progress=False).ppl,
              "params": param_counts(dense_model), "importance": [s.importance for s in stats]}
     print(f"dense ppl {dense['ppl']:.3f}", flush=True)

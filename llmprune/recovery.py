@@ -28,6 +28,11 @@ def lora_ranks(importance: list[float], rank: int) -> list[int]:
     return [max(1, int(round(float(r)))) for r in rank * imp / imp.mean()]
 
 
+def cosine_lr(lr: float, step: int, steps: int) -> float:
+    """Learning rate of ``step`` (0-based) of ``steps``: cosine decay from ``lr`` towards 0."""
+    return lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 class LoRALinear(nn.Module):
     """``base(x) + (alpha / r) * B A x`` with a frozen ``base``; ``B`` starts at zero."""
 
@@ -107,8 +112,8 @@ def recover(
             for step in tqdm(range(steps), desc="recovery", unit="step", disable=not progress):
                 idx = torch.randint(0, calib.shape[0], (batch_size,), generator=g)
                 ids = calib[idx].to(device)
-                for group in opt.param_groups:  # cosine decay from lr
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(lr, step, steps)
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -16,7 +16,7 @@ from llmprune.cli import main
 from llmprune.errors import ConfigError
 from llmprune.methods.cfsp import CFSPConfig, channel_scores, head_group_scores
 from llmprune.modeling import decoder_layers
-from llmprune.recovery import lora_ranks
+from llmprune.recovery import cosine_lr, lora_ranks, recover
 from llmprune.sparsity import top_indices
 
 IDS = torch.randint(0, TINY_VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -140,7 +140,7 @@ def _zeroed_copy(model, keep_ch, keep_groups=None):
 
 
 @pytest.mark.parametrize("heads", [False, True])
-def test_removal_preserves_function_on_top_indices(heads):
+def test_removal_preserves_function_on_kept_channels(heads):
     model = tiny_llama().double()
     keep_ch = [torch.tensor([0, 5, 6, 40, 77, 100, 127]), torch.arange(0, 128, 3)]
     keep_groups = [torch.tensor([1]), torch.tensor([0, 1])] if heads else None
@@ -229,6 +229,20 @@ def test_recovery_runs_and_merges():
     assert set(model.state_dict()) == before_keys  # LoRA merged and removed
     assert all(p.requires_grad for p in model.parameters())
     assert model(IDS).logits.isfinite().all()
+
+
+def test_recovery_lowers_calibration_loss_with_cosine_schedule():
+    assert [cosine_lr(1.0, s, 4) for s in range(4)] == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466])
+    torch.manual_seed(0)
+    model = tiny_llama()
+    with torch.no_grad():
+        before = float(model(input_ids=IDS, labels=IDS).loss)
+    w_before = decoder_layers(model)[0].mlp.down_proj.weight.clone()
+    recover(model, IDS, [4] * len(decoder_layers(model)), steps=20, lr=1e-2, batch_size=4, device="cpu")
+    with torch.no_grad():
+        after = float(model(input_ids=IDS, labels=IDS).loss)
+    assert after < before - 0.1, (before, after)  # the merged adapters learned the calibration text
+    assert not torch.equal(decoder_layers(model)[0].mlp.down_proj.weight, w_before)
 
 
 # --------------------------------------------------------------------------- CLI
