@@ -66,13 +66,16 @@ def latency(models: dict, tok, new_tokens: int, reps: int) -> dict:
 
 
 def write(out: Path, args, rows: list[dict], lat: dict, dense: dict, started: float) -> None:
+    order = {"uniform": 0, "coarse": 1}
+    rows = sorted(rows, key=lambda r: (r["sparsity"], r["heads"], r["recover_steps"] > 0, order[r["allocation"]]))
+    load_end = getattr(args, "load_end", None) or os.getloadavg()[0]  # --merge keeps the measured runs' value
     lines = [
         "# CFSP structured pruning: SmolLM2-135M-Instruct",
         "",
         f"Produced by `python eval/cfsp_table.py --windows {args.windows} --nsamples {args.nsamples} "
         f"--recover-steps {args.recover_steps}` in {(time.perf_counter() - started) / 60:.0f} min on "
         f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32. "
-        f"1-minute load average at the start / end: {args.load_start:.1f} / {os.getloadavg()[0]:.1f} "
+        f"1-minute load average at the start / end: {args.load_start:.1f} / {load_end:.1f} "
         f"({os.cpu_count()} cores; this job alone keeps it near the thread count). Latencies are interleaved medians.",
         "",
         f"- Calibration: {args.nsamples} samples x {args.seqlen} tokens from `../shared/data/c4/c4_validation_2k.parquet`, "
@@ -107,7 +110,7 @@ def write(out: Path, args, rows: list[dict], lat: dict, dense: dict, started: fl
     minutes = (time.perf_counter() - started) / 60
     out.with_suffix(".json").write_text(
         json.dumps({"dense": dense, "rows": rows, "latency_s": lat, "minutes": minutes,
-                    "load_start": args.load_start, "load_end": os.getloadavg()[0]}, indent=2) + "\n")
+                    "load_start": args.load_start, "load_end": load_end}, indent=2) + "\n")
 
 
 def latency_sweep(args, dense_model, stats, ctx, tok, out: Path, started: float) -> None:
@@ -172,10 +175,9 @@ def main() -> None:
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         args.load_start = max(part.get("load_start", float("nan")) for part in parts)
+        args.load_end = max(part.get("load_end", float("nan")) for part in parts)
         rows = list({(r["allocation"], r["sparsity"], r["recover_steps"], r["heads"]): r
                      for part in reversed(parts) for r in part["rows"]}.values())
-        order = {"uniform": 0, "coarse": 1}
-        rows.sort(key=lambda r: (r["sparsity"], r["heads"], r["recover_steps"] > 0, order[r["allocation"]]))
         lat = next((part["latency_s"] for part in parts if part["latency_s"]), {})
         write(Path(args.out), args, rows, lat, parts[0]["dense"], time.perf_counter() - sum(
             part.get("minutes", 0) for part in parts) * 60)
