@@ -197,11 +197,11 @@ def test_uniform_allocation_loads_in_plain_transformers(tmp_path):
     code = (
         "import sys, torch; from transformers import AutoModelForCausalLM;"
         f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'u')!r});"
-        f"torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'out.pt')!r});"
+        f"torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)).logits, {str(tmp_path / 'out.pt')!r});"
         "assert 'llmprune' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ref)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=True), ref)
 
 
 def test_ignored_layer_is_left_whole():
