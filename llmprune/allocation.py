@@ -1,14 +1,17 @@
 """Non-uniform sparsity budgets across layers: ratios from importance, kept sizes rounded.
 
 Used by CFSP (:mod:`llmprune.methods.cfsp`) to turn coarse per-layer importance into
-per-layer kept sizes; pure numbers in, numbers out, so any importance-driven allocation
-(e.g. OWL-style outlier ratios) can reuse it.
+per-layer kept sizes. The allocators are pure numbers in, numbers out, so any
+importance-driven allocation (e.g. OWL-style outlier ratios) can reuse them;
+:func:`plan_structured` reads the sizes off the decoder layers and calls them.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from llmprune import structured
 from llmprune.errors import ConfigError
 
 
@@ -141,3 +144,44 @@ def allocate_with_groups(
     target = total_ratio * sum(layer_params) - sum((g - k) * gp for g, k, gp in zip(groups, kept_groups, group_params))
     kept = round_sizes(ffn_ratios, sizes, round_to, max(0, round(target / channel_params)))
     return kept, kept_groups
+
+
+def plan_structured(
+    layers: list[nn.Module],
+    importance: list[float] | None,
+    skip: list[bool],
+    total_ratio: float,
+    min_ratio: float,
+    max_ratio: float,
+    round_to: int,
+    power: float = 1.0,
+    heads: bool = False,
+) -> tuple[list[int], list[int] | None]:
+    """Kept FFN sizes (and KV head groups when ``heads``) per decoder layer; ``skip``-ped layers stay whole.
+
+    Args:
+        layers: decoder layers with a gated MLP (and ``self_attn`` when ``heads``).
+        importance: coarse importance per layer (None = uniform allocation).
+        skip: layers excluded from pruning (e.g. by ignore patterns); the budget is spread over the rest.
+
+    Returns:
+        ``(kept_sizes, kept_groups)``, ``kept_groups`` None when heads are not pruned.
+    """
+    kept = [structured.intermediate_size(layer) for layer in layers]
+    groups = [structured.kv_heads(layer) for layer in layers] if heads else None
+    act = [i for i, s in enumerate(skip) if not s]
+    if not act:
+        raise ConfigError("structured pruning: every layer is excluded by ignore patterns")
+    imp = None if importance is None else [importance[i] for i in act]
+    opts = (total_ratio, min_ratio, max_ratio, round_to, [kept[i] for i in act])
+    if groups is None:
+        new = allocate_budget(imp, *opts, power)
+    else:
+        hidden = structured.mlp_of(layers[0]).gate_proj.in_features
+        new, new_groups = allocate_with_groups(imp, *opts, 3 * hidden, [groups[i] for i in act],
+                                               [structured.group_params(layers[i]) for i in act], power)
+        for i, g in zip(act, new_groups):
+            groups[i] = g
+    for i, k in zip(act, new):
+        kept[i] = k
+    return kept, groups

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +18,33 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.calibration.driver import _module_device
+from llmprune.config import _check_float, _check_int
 from llmprune.modeling import decoder_layers
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryOptions:
+    """Recovery fields of a config that shrinks a model (a dataclass mixin; call :meth:`check_recovery`).
+
+    Attributes:
+        recover_steps: LoRA recovery steps after pruning (0 = off).
+        recover_lr: peak learning rate (cosine decay to 0).
+        lora_rank: mean LoRA rank (per layer it follows the coarse importance, :func:`lora_ranks`).
+        recover_batch_size: calibration sequences per step.
+    """
+
+    recover_steps: int = 0
+    recover_lr: float = 2e-4
+    lora_rank: int = 8
+    recover_batch_size: int = 2
+
+    def check_recovery(self) -> None:
+        _check_int("recover_steps", self.recover_steps, minimum=0)
+        _check_float("recover_lr", self.recover_lr, 1e-8, 1.0)
+        _check_int("lora_rank", self.lora_rank)
+        _check_int("recover_batch_size", self.recover_batch_size)
 
 
 def lora_ranks(importance: list[float], rank: int) -> list[int]:

@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from llmprune import structured
-from llmprune.allocation import allocate_budget, allocate_with_groups
+from llmprune.allocation import plan_structured
 from llmprune.calibration.blockstats import LayerStats, collect_stats
 from llmprune.calibration.driver import ModuleReport
 from llmprune.config import PruneConfig, _check_float, _check_int
 from llmprune.errors import ConfigError
 from llmprune.modeling import decoder_layers, decoder_layers_path, matches_any
-from llmprune.recovery import lora_ranks, recover
+from llmprune.recovery import RecoveryOptions, lora_ranks, recover
 from llmprune.registry import register
 from llmprune.sparsity import SparsityPattern, top_indices
 
@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class CFSPConfig(PruneConfig):
-    """CFSP structured pruning.
+class CFSPConfig(RecoveryOptions, PruneConfig):
+    """CFSP structured pruning (recovery fields: :class:`~llmprune.recovery.RecoveryOptions`).
 
     Attributes:
         sparsity: fraction of the prunable parameters removed (a ratio; N:M is an error).
@@ -50,10 +50,6 @@ class CFSPConfig(PruneConfig):
         round_to: kept FFN sizes are multiples of this (hardware-friendly shapes).
         allocation: ``"coarse"`` (angular-distance budget) or ``"uniform"`` (same ratio everywhere).
         power: sharpness of the coarse allocation (ratio ~ importance ** -power).
-        recover_steps: LoRA recovery steps after pruning (0 = off).
-        recover_lr: LoRA learning rate.
-        lora_rank: mean LoRA rank (per layer it follows the coarse importance).
-        recover_batch_size: calibration sequences per recovery step.
         ignore: module-name patterns; a layer any of whose prunable linears matches is left whole.
     """
 
@@ -64,10 +60,6 @@ class CFSPConfig(PruneConfig):
     round_to: int = 8
     allocation: str = "coarse"
     power: float = 1.0
-    recover_steps: int = 0
-    recover_lr: float = 2e-4
-    lora_rank: int = 8
-    recover_batch_size: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,12 +70,10 @@ class CFSPConfig(PruneConfig):
             )
         if not isinstance(self.prune_heads, bool):
             raise ConfigError(f"prune_heads must be true or false, got {self.prune_heads!r}")
-        for name, lo, hi in (("min_ratio", 0.0, 1.0), ("max_ratio", 0.0, 0.999), ("power", 0.0, 10.0),
-                             ("recover_lr", 1e-8, 1.0)):
+        for name, lo, hi in (("min_ratio", 0.0, 1.0), ("max_ratio", 0.0, 0.999), ("power", 0.0, 10.0)):
             _check_float(name, getattr(self, name), lo, hi)
-        for name in ("round_to", "lora_rank", "recover_batch_size"):
-            _check_int(name, getattr(self, name))
-        _check_int("recover_steps", self.recover_steps, minimum=0)
+        _check_int("round_to", self.round_to)
+        self.check_recovery()
         if self.allocation not in ("coarse", "uniform"):
             raise ConfigError(f"allocation must be 'coarse' or 'uniform', got {self.allocation!r}")
         if not self.min_ratio <= self.sparsity.ratio <= self.max_ratio:
@@ -148,29 +138,6 @@ def head_group_scores(
     return sum(_normalised(t).view(n_groups, -1).sum(1) for t in terms)
 
 
-def _plan(stats: list[LayerStats], model: nn.Module, cfg: CFSPConfig, skip: list[bool]):
-    """Per-layer kept FFN sizes and kept KV groups (None when heads are not pruned); skipped layers stay whole."""
-    layers = decoder_layers(model)
-    kept = [structured.intermediate_size(layer) for layer in layers]
-    groups = [structured.kv_heads(layer) for layer in layers] if cfg.prune_heads else None
-    act = [i for i, s in enumerate(skip) if not s]
-    if not act:
-        raise ConfigError("cfsp: every layer is excluded by ignore patterns")
-    imp = None if cfg.allocation == "uniform" else [stats[i].importance for i in act]
-    opts = (cfg.sparsity.ratio, cfg.min_ratio, cfg.max_ratio, cfg.round_to, [kept[i] for i in act])
-    if groups is None:
-        new = allocate_budget(imp, *opts, cfg.power)
-    else:
-        hidden = structured.mlp_of(layers[0]).gate_proj.in_features
-        new, new_groups = allocate_with_groups(imp, *opts, 3 * hidden, [groups[i] for i in act],
-                                               [structured.group_params(layers[i]) for i in act], cfg.power)
-        for i, g in zip(act, new_groups):
-            groups[i] = g
-    for i, k in zip(act, new):
-        kept[i] = k
-    return kept, groups
-
-
 @register("cfsp", CFSPConfig, kind="model")
 def cfsp_prune(model: nn.Module, cfg: CFSPConfig, ctx) -> list[ModuleReport]:
     for layer in decoder_layers(model):  # unsupported layouts fail before the calibration pass
@@ -195,7 +162,9 @@ def apply_cfsp(model: nn.Module, cfg: CFSPConfig, stats: list[LayerStats], ctx, 
         names += ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
     # a layer any of whose prunable linears matches an ignore pattern is left whole
     skip = [any(matches_any(f"{prefix}.{i}.{n}", ctx.ignore) for n in names) for i in range(len(layers))]
-    kept, kept_groups = _plan(stats, model, cfg, skip)
+    imp = None if cfg.allocation == "uniform" else [st.importance for st in stats]
+    kept, kept_groups = plan_structured(layers, imp, skip, cfg.sparsity.ratio, cfg.min_ratio, cfg.max_ratio,
+                                        cfg.round_to, cfg.power, cfg.prune_heads)
     reports: list[ModuleReport] = []
     for i, layer in enumerate(layers):
         t1 = time.perf_counter()
