@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune import structured
-from llmprune.calibration.driver import _module_device, capture_layer_inputs, run_layer
+from llmprune.calibration.driver import _feed, _module_device, capture_layer_inputs, run_layer
 from llmprune.calibration.stats import ActSqNorm
 from llmprune.modeling import decoder_layers
 
@@ -40,13 +40,6 @@ class LayerStats:
     mlp_h: torch.Tensor
     attn_x: torch.Tensor | None = None
     attn_o: torch.Tensor | None = None
-
-
-def _acc_hook(acc: ActSqNorm):
-    def hook(module, args, output):
-        acc.add(args[0])
-
-    return hook
 
 
 @torch.no_grad()
@@ -69,7 +62,7 @@ def collect_stats(
             accs["attn_x"] = ActSqNorm(attn.q_proj.in_features, device)
             accs["attn_o"] = ActSqNorm(attn.o_proj.in_features, device)
             mods.update(attn_x=attn.q_proj, attn_o=attn.o_proj)
-        handles = [mods[k].register_forward_hook(_acc_hook(accs[k])) for k in accs]
+        handles = [mods[k].register_forward_hook(_feed({k: accs[k]})) for k in accs]
         dist, count = 0.0, 0
         try:
             for b in range(len(inputs)):
