@@ -10,7 +10,7 @@ as in a decode loop captured with CUDA graphs) and ``eager`` (plain launches, ov
   (what the gate's top-k yields; no sort), best over a few split counts; the default split heuristic and the
   bool-mask input (mask -> sorted indices conversion included) are shown too;
 * ``kernel + gate``: the whole decode-time selection too: project the query, score it against the pooled gate
-  keys of every block, force first/last block, top-k, kernel (:class:`llmprune.gates.AttnGate`, random init:
+  keys of every block, force first/last block, top-k, kernel (:class:`llmprune.runtime.gates.gate.AttnGate`, random init:
   cost only);
 * ``dense``: the faster of SDPA with ``enable_gqa`` and SDPA on the GQA-packed query (what transformers runs
   at decode), over the whole cache.
@@ -107,7 +107,7 @@ def main() -> int:
 
     import triton
 
-    from llmprune.gates import AttnGate, GateConfig
+    from llmprune.runtime.gates.gate import AttnGate, GateConfig
 
     dev = torch.device("cuda")
     dtype = getattr(torch, args.dtype)

@@ -31,7 +31,7 @@ import torch
 
 
 def build_cache(B, Hkv, T, d, sparsity, window, dtype, device, seed=0):
-    from llmprune.kvcache import _BitmapStore, keep_count
+    from llmprune.runtime.kvcache import _BitmapStore, keep_count
 
     g = torch.Generator(device=device).manual_seed(seed)
     W = min(T, window)
@@ -92,7 +92,7 @@ def kernel_part(a, device, dtype, log):
 def e2e_part(a, device, dtype, log):
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-    from llmprune.kvcache import BitmapKVCache
+    from llmprune.runtime.kvcache import BitmapKVCache
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=a.e2e_layers,
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,

@@ -58,8 +58,8 @@ def write_random_checkpoint(directory: Path, shape: dict, dtype: str, seed: int 
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmprune.models import parse_dtype, resolve_model
-    from llmprune.streaming import ShardWriter
+    from llmprune.engine.streaming import ShardWriter
+    from llmprune.model.loading import parse_dtype, resolve_model
 
     torch_dtype = parse_dtype(dtype)
     config = LlamaConfig(**shape)
@@ -206,7 +206,7 @@ def main() -> None:
             if not d.exists():
                 write_random_checkpoint(d, {**SMOLLM2_SHAPE, "num_hidden_layers": n}, a.dtype)
             models.append((f"SmolLM2 widths, {n} layers (random)", n, d))
-        from llmprune.models import resolve_model
+        from llmprune.model.loading import resolve_model
 
         models.append(("SmolLM2-135M (real)", 30, Path(resolve_model("smollm2-135m"))))
         for label, n, d in models:

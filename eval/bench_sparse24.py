@@ -57,7 +57,7 @@ def copy_bandwidth(bench) -> float:
 def kernel_table(args, bench) -> tuple[list[dict], float]:
     from llmprune.kernels import sparse24_linear as S
 
-    from llmprune.sparse24 import pack_24
+    from llmprune.runtime.sparse24 import pack_24
     from llmprune.sparsity import nm_mask
 
     dtype = getattr(torch, args.dtype)
@@ -180,7 +180,7 @@ def decode_graph(model, prompt, new_tokens) -> float:
 
 def e2e_table(args) -> list[dict]:
     import llmprune
-    from llmprune.sparse24 import pack_model
+    from llmprune.runtime.sparse24 import pack_model
 
     dtype = getattr(torch, args.dtype)
     rows = []

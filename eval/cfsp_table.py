@@ -4,7 +4,7 @@ Protocol:
   * calibration: --nsamples x --seqlen tokens from the shipped C4 parquet, seed 0 (foundation sampling);
   * one calibration pass of the dense model gives the coarse (angular distance) and fine (activation
     norm) statistics; every row reuses them (they do not depend on the target sparsity), through
-    ``llmprune.methods.cfsp.apply_cfsp`` -- the same code ``llmprune compress --method cfsp`` runs;
+    ``llmprune.prune.methods.cfsp.apply_cfsp`` -- the same code ``llmprune compress --method cfsp`` runs;
   * WikiText-2 raw test joined with "\\n\\n", non-overlapping --seqlen windows, first --windows windows;
   * rows: uniform allocation (baseline) vs coarse allocation at 10/20/30% of the FFN parameters, coarse
     with LoRA recovery, and coarse 30% with attention head groups pruned too (--prune-heads);
@@ -31,19 +31,19 @@ from pathlib import Path
 import torch
 
 import llmprune
-from llmprune import structured
 from llmprune.api import PruneContext
 from llmprune.calibration import load_calibration
 from llmprune.calibration.blockstats import LayerStats, collect_stats
-from llmprune.methods.cfsp import CFSPConfig, apply_cfsp
-from llmprune.modeling import decoder_layers
-from llmprune.perplexity import perplexity, token_stream, wikitext2_text
+from llmprune.evaluate.perplexity import perplexity, token_stream, wikitext2_text
+from llmprune.model.access import attn_of, decoder_layers, mlp_of
+from llmprune.model.structured import layer_sizes
+from llmprune.prune.methods.cfsp import CFSPConfig, apply_cfsp
 
 
 def param_counts(model) -> dict:
     total = sum(p.numel() for p in model.parameters())
-    ffn = sum(p.numel() for layer in decoder_layers(model) for p in structured.mlp_of(layer).parameters())
-    attn = sum(p.numel() for layer in decoder_layers(model) for p in structured.attn_of(layer).parameters())
+    ffn = sum(p.numel() for layer in decoder_layers(model) for p in mlp_of(layer).parameters())
+    attn = sum(p.numel() for layer in decoder_layers(model) for p in attn_of(layer).parameters())
     return {"total": total, "ffn": ffn, "attn": attn}
 
 
@@ -232,7 +232,7 @@ def main() -> None:
         apply_cfsp(model, cfg, stats, ctx)
         secs = time.perf_counter() - t
         res = perplexity(model, ids, args.seqlen, args.windows, progress=False)
-        sizes, kv = structured.layer_sizes(model)
+        sizes, kv = layer_sizes(model)
         row = {"allocation": allocation, "sparsity": ratio, "recover_steps": steps, "heads": heads, "ppl": res.ppl,
                "params": param_counts(model), "ffn_sizes": sizes, "kv_heads": kv, "prune_seconds": secs}
         rows.append(row)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import llmprune
-from llmprune.perplexity import perplexity, token_stream, wikitext2_text
+from llmprune.evaluate.perplexity import perplexity, token_stream, wikitext2_text
 
 ROWS = [
     ("magnitude", "0.5"), ("wanda", "0.5"), ("sparsegpt", "0.5"),

@@ -25,11 +25,11 @@ import torch
 
 from llmprune.calibration.data import load_calibration
 from llmprune.config import CalibConfig
-from llmprune.gate_runtime import attach_gates
-from llmprune.gate_training import train_gates
-from llmprune.gates import GateConfig, save_gates
-from llmprune.models import load_pretrained, load_tokenizer
-from llmprune.perplexity import perplexity, token_stream, wikitext2_text
+from llmprune.evaluate.perplexity import perplexity, token_stream, wikitext2_text
+from llmprune.model.loading import load_pretrained, load_tokenizer
+from llmprune.runtime.gates.gate import GateConfig, save_gates
+from llmprune.runtime.gates.runtime import attach_gates
+from llmprune.runtime.gates.training import train_gates
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """Decode attention over a bitmap-compressed KV cache (Mustafar-style), with split-K over the sequence.
 
-Inputs (layout documented in :mod:`llmprune.kvcache`): per (batch, KV head) row, the first ``n_compressed`` tokens
+Inputs (layout documented in :mod:`llmprune.runtime.kvcache`): per (batch, KV head) row, the first ``n_compressed`` tokens
 of K and of V as ``bitmap`` (int64, one word per 64-element tile, ``head_dim / 64`` tiles per token), ``offsets``
 (int32, index of each tile's first kept value) and ``values`` (kept values, element order); then a dense window
 ``[B, Hkv, W, d]`` of the most recent tokens. The ``M`` queries ``q [B, Hq, M, d]`` are the last ``M`` window tokens
@@ -341,7 +341,7 @@ def kv_bitmap_attention_ref(
     kv_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch reference of :func:`kv_bitmap_attention` (fp32 math, output in ``q.dtype``)."""
-    from llmprune.kvcache import BitmapTensor, unpack_bitmap
+    from llmprune.runtime.kvcache import BitmapTensor, unpack_bitmap
 
     B, Hq, M, d = q.shape
     Hkv, W = k_window.shape[1], k_window.shape[2]

@@ -1,7 +1,7 @@
 """``y = x @ W^T (+ bias)`` with ``W`` stored packed 2:4, for decode-sized ``x`` (a few rows).
 
 ``W`` is given as ``values [N, K/2]`` (fp16/bf16) and ``meta [N, ceil(K/32)]`` int32, in the layout documented
-in :mod:`llmprune.sparse24` (value ``j`` of a row sits at column ``4 * (j // 2) + p``, ``p`` = the 2-bit field
+in :mod:`llmprune.runtime.sparse24` (value ``j`` of a row sits at column ``4 * (j // 2) + p``, ``p`` = the 2-bit field
 at bits ``2 * (j % 16)`` of word ``j // 16``). The kernel reads the packed bytes only (56.25% of the dense
 weight), which is what makes it faster than cuBLAS at batch size 1, where a linear is memory bound.
 
@@ -338,7 +338,7 @@ def sparse24_linear(
     if m == 0:
         return out if out is not None else x.new_empty((0, values.shape[0]))
     if m > MAX_KERNEL_M:
-        from llmprune.sparse24 import unpack_24
+        from llmprune.runtime.sparse24 import unpack_24
 
         y = torch.nn.functional.linear(x, unpack_24(values, meta), bias)
         if out is not None:
@@ -358,7 +358,7 @@ def sparse24_linear_ref(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Plain-torch reference: unpack, fp32 matmul, cast to ``x.dtype``."""
-    from llmprune.sparse24 import unpack_24
+    from llmprune.runtime.sparse24 import unpack_24
 
     w = unpack_24(values, meta).float()
     y = x.float() @ w.t()

@@ -5,31 +5,38 @@ Quick start::
     import llmprune
     model = llmprune.load("smollm2-135m")
     report = llmprune.prune(model, llmprune.WandaConfig(sparsity="2:4"), calib_ids)
+
+The package is organised by stage (see ``ARCHITECTURE.md``): ``model`` -> ``calibration`` -> ``prune`` ->
+``engine`` -> ``formats`` -> ``runtime`` (+ ``llmprune.kernels``) -> ``evaluate`` -> ``publish``.
 """
 
 from __future__ import annotations
 
 import logging
 
-__version__ = "0.1.0"
+from llmprune._version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-from llmprune import methods, sparse24  # noqa: E402,F401  (register the built-in methods, the "packed" format)
-from llmprune.api import PruneReport, compress, prune  # noqa: E402
+from llmprune.builtins import register_builtins  # noqa: E402
+
+register_builtins()
+
+from llmprune.api import compress, prune  # noqa: E402
 from llmprune.config import CalibConfig, PruneConfig, Recipe, RuntimeConfig, SaveConfig  # noqa: E402
 from llmprune.errors import ConfigError, LlmpruneError  # noqa: E402
-from llmprune.gate_runtime import GateRuntime, attach_gates, detach_gates, gate_runtime  # noqa: E402
-from llmprune.gate_training import train_gates  # noqa: E402
-from llmprune.gates import AttnGate, GateConfig, load_gates, save_gates  # noqa: E402
-from llmprune.kvcache import BitmapKVCache  # noqa: E402
-from llmprune.methods import CFSPConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig  # noqa: E402
-from llmprune.models import load_pretrained as load  # noqa: E402
-from llmprune.models import load_tokenizer  # noqa: E402
-from llmprune.perplexity import perplexity  # noqa: E402
+from llmprune.evaluate.perplexity import perplexity  # noqa: E402
+from llmprune.model.loading import load_pretrained as load  # noqa: E402
+from llmprune.model.loading import load_tokenizer  # noqa: E402
+from llmprune.prune.methods import CFSPConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig  # noqa: E402
+from llmprune.prune.registry import available_methods, register  # noqa: E402
+from llmprune.prune.report import PruneReport  # noqa: E402
 from llmprune.recipe import load_recipe  # noqa: E402
-from llmprune.registry import available_methods, register  # noqa: E402
-from llmprune.sparse24 import Sparse24Linear, pack_24, unpack_24  # noqa: E402
+from llmprune.runtime.gates.gate import AttnGate, GateConfig, load_gates, save_gates  # noqa: E402
+from llmprune.runtime.gates.runtime import GateRuntime, attach_gates, detach_gates, gate_runtime  # noqa: E402
+from llmprune.runtime.gates.training import train_gates  # noqa: E402
+from llmprune.runtime.kvcache import BitmapKVCache  # noqa: E402
+from llmprune.runtime.sparse24 import Sparse24Linear, pack_24, unpack_24  # noqa: E402
 from llmprune.sparsity import SparsityPattern  # noqa: E402
 
 __all__ = [

@@ -9,37 +9,27 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from llmprune import __version__
+from llmprune._version import __version__
+from llmprune.calibration.capture import capture_layer_inputs
 from llmprune.calibration.data import load_calibration
-from llmprune.calibration.driver import ModuleReport, capture_layer_inputs, prune_layerwise
-from llmprune.checkpoint import check_output, get_format, save_checkpoint
 from llmprune.config import CalibConfig, PruneConfig, Recipe
+from llmprune.engine.layerwise import prune_layerwise
 from llmprune.errors import ConfigError
-from llmprune.modeling import DEFAULT_IGNORE, matches_any
-from llmprune.models import load_pretrained, load_tokenizer, resolve_model
-from llmprune.registry import method_for_config
-from llmprune.structured import is_nonuniform
+from llmprune.formats.checkpoint import check_output, get_format, save_checkpoint
+from llmprune.model.access import DEFAULT_IGNORE, matches_any
+from llmprune.model.device import resolve_device
+from llmprune.model.loading import load_pretrained, load_tokenizer, resolve_model
+from llmprune.model.structured import is_nonuniform
+from llmprune.prune.registry import method_for_config
+from llmprune.prune.report import PruneReport
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"invalid device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 @dataclass
@@ -51,39 +41,6 @@ class PruneContext:
     batch_size: int = 8
     progress: bool = True
     ignore: tuple[str, ...] = DEFAULT_IGNORE
-
-
-@dataclass
-class PruneReport:
-    """Outcome of :func:`prune`: one entry per pruned module, and wall time."""
-
-    modules: list[ModuleReport] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def overall_sparsity(self) -> float:
-        total = sum(m.shape[0] * m.shape[1] for m in self.modules)
-        zeros = sum(m.sparsity * m.shape[0] * m.shape[1] for m in self.modules)
-        return zeros / total if total else 0.0
-
-    def per_layer(self) -> list[tuple[int, int, float, float]]:
-        """``(layer, n_modules, sparsity, seconds)`` per decoder layer."""
-        rows: dict[int, list[ModuleReport]] = {}
-        for m in self.modules:
-            rows.setdefault(m.layer, []).append(m)
-        out = []
-        for layer, mods in sorted(rows.items()):
-            numel = sum(m.shape[0] * m.shape[1] for m in mods)
-            zeros = sum(m.sparsity * m.shape[0] * m.shape[1] for m in mods)
-            out.append((layer, len(mods), zeros / numel if numel else 0.0, sum(m.seconds for m in mods)))
-        return out
-
-    def table(self) -> str:
-        lines = [f"{'layer':>5}  {'modules':>7}  {'sparsity':>8}  {'time (s)':>8}"]
-        for layer, n, sp, secs in self.per_layer():
-            lines.append(f"{layer:>5}  {n:>7}  {sp:>8.2%}  {secs:>8.2f}")
-        lines.append(f"{'all':>5}  {len(self.modules):>7}  {self.overall_sparsity:>8.2%}  {self.seconds:>8.2f}")
-        return "\n".join(lines)
 
 
 def prune(
@@ -181,14 +138,14 @@ def compress(
         trust_remote_code: passed to transformers.
         command: the command line, recorded in the metadata.
         low_memory: stream the model layer by layer from its safetensors files and write the output shard by
-            shard (:mod:`llmprune.streaming`); None = automatic (when the weights exceed half the available RAM,
+            shard (:mod:`llmprune.engine.streaming`); None = automatic (when the weights exceed half the available RAM,
             or for ``resume`` / ``torchrun`` runs), False = always load the whole model.
         resume: continue an interrupted streaming run from ``<output>.partial`` (same result).
         max_memory: budget for calibration activations on the device (e.g. ``"20GiB"``); beyond it they live
             in CPU RAM (CUDA) or on disk (CPU).
         offload_dir: where activations spilled to disk go (default: inside ``<output>.partial``).
         dist_reduce: ``"exact"`` (bit-identical to one process) or ``"sum"`` (one all-reduce per statistic)
-            for multi-process runs (:mod:`llmprune.distributed`).
+            for multi-process runs (:mod:`llmprune.calibration.distributed`).
     """
     if not recipe.stages:
         raise ConfigError("the recipe has no prune stages")
@@ -198,7 +155,7 @@ def compress(
         fmt.check(recipe)
     dev = resolve_device(device)
     resolved = resolve_model(model_ref)
-    from llmprune.streaming import StreamOptions, compress_streaming, use_streaming
+    from llmprune.engine.streaming import StreamOptions, compress_streaming, use_streaming
 
     stream_dir = use_streaming(resolved, recipe, low_memory=low_memory, resume=resume)
     if stream_dir is not None:

@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmprune import __version__
+    from llmprune._version import __version__
 
     parser = _Parser(prog="llmprune", description="Post-training compression for LLMs.")
     parser.add_argument("--version", action="version", version=f"llmprune {__version__}")

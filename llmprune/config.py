@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from llmprune.errors import ConfigError
 from llmprune.sparsity import SparsityPattern
@@ -43,6 +43,9 @@ class PruneConfig:
         ignore: extra module-name patterns (fnmatch) left dense; ``lm_head`` and
             embeddings are never pruned.
     """
+
+    #: Name of the registered method this config belongs to (set by each method's config class).
+    method: ClassVar[str] = ""
 
     sparsity: SparsityPattern | str | float = "2:4"
     ignore: tuple[str, ...] = ()
@@ -102,7 +105,7 @@ class SaveConfig:
     """How the checkpoint is written.
 
     Attributes:
-        format: on-disk format name (see :mod:`llmprune.checkpoint`); ``"dense"``
+        format: on-disk format name (see :mod:`llmprune.formats.checkpoint`); ``"dense"``
             loads in plain transformers.
     """
 
@@ -160,10 +163,8 @@ class Recipe:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        from llmprune.registry import method_for_config
-
         return {
-            "prune": [{"method": method_for_config(s).name, **s.to_dict()} for s in self.stages],
+            "prune": [{"method": s.method, **s.to_dict()} for s in self.stages],
             "calibration": self.calibration.to_dict(),
             "save": self.save.to_dict(),
             "runtime": self.runtime.to_dict(),

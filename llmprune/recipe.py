@@ -23,7 +23,7 @@ import yaml
 
 from llmprune.config import CalibConfig, Recipe, RuntimeConfig, SaveConfig
 from llmprune.errors import ConfigError
-from llmprune.registry import get_method
+from llmprune.prune.registry import get_method
 
 _TOP_KEYS = ("prune", "calibration", "save", "runtime")
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from llmprune import evaluation
-from llmprune.bench import PeakMemory, checkpoint_bytes, time_generation
 from llmprune.cli import main
+from llmprune.evaluate import lm_eval as evaluation
+from llmprune.evaluate.bench import PeakMemory, checkpoint_bytes, time_generation
 
 
 def run_cli(capsys, *argv):
@@ -44,7 +44,7 @@ def test_bench_plain_model_no_baseline(tiny_model_dir, capsys):
 def test_bench_feature_unavailable_is_an_error(checkpoint, monkeypatch, capsys):
     monkeypatch.setattr(evaluation, "feature_available", lambda option: False)
     code, _, err = run_cli(capsys, "bench", checkpoint, *FAST, "--attn-sparsity", "0.5", "-q")
-    assert code == 2 and "--attn-sparsity needs llmprune.gates" in err
+    assert code == 2 and "--attn-sparsity needs llmprune.runtime.gates.gate" in err
 
 
 def test_bench_bad_flags(checkpoint, capsys):

@@ -9,14 +9,15 @@ import torch
 from conftest import TINY_VOCAB, tiny_llama
 
 import llmprune
-from llmprune import structured
-from llmprune.allocation import allocate_budget, allocate_with_groups, layer_ratios, round_sizes
 from llmprune.calibration.blockstats import angular_distance
 from llmprune.cli import main
 from llmprune.errors import ConfigError
-from llmprune.methods.cfsp import CFSPConfig, channel_scores, head_group_scores
-from llmprune.modeling import decoder_layers
-from llmprune.recovery import cosine_lr, lora_ranks, recover
+from llmprune.model.access import decoder_layers, kv_heads
+from llmprune.model.structured import is_nonuniform, layer_sizes, sync_config
+from llmprune.prune.allocation import allocate_budget, allocate_with_groups, layer_ratios, round_sizes
+from llmprune.prune.methods.cfsp import CFSPConfig, channel_scores, head_group_scores
+from llmprune.prune.recovery import cosine_lr, lora_ranks, recover
+from llmprune.prune.structured import group_rows, prune_head_groups, prune_mlp_channels
 from llmprune.sparsity import top_indices
 
 IDS = torch.randint(0, TINY_VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -132,9 +133,9 @@ def _zeroed_copy(model, keep_ch, keep_groups=None):
         layer.mlp.down_proj.weight.data[:, drop] = 0
         if keep_groups is not None:
             attn = layer.self_attn
-            per = attn.o_proj.in_features // structured.kv_heads(layer)
+            per = attn.o_proj.in_features // kv_heads(layer)
             drop = torch.ones(attn.o_proj.in_features, dtype=torch.bool)
-            drop[structured.group_rows(keep_groups[i], per)] = False
+            drop[group_rows(keep_groups[i], per)] = False
             attn.o_proj.weight.data[:, drop] = 0
     return ref
 
@@ -146,11 +147,11 @@ def test_removal_preserves_function_on_kept_channels(heads):
     keep_groups = [torch.tensor([1]), torch.tensor([0, 1])] if heads else None
     ref = _zeroed_copy(model, keep_ch, keep_groups)
     for i, layer in enumerate(decoder_layers(model)):
-        structured.prune_mlp_channels(layer, keep_ch[i])
+        prune_mlp_channels(layer, keep_ch[i])
         if heads:
-            structured.prune_head_groups(layer, keep_groups[i])
-    structured.sync_config(model)
-    assert structured.layer_sizes(model) == ([7, 43], [1, 2] if heads else [2, 2])
+            prune_head_groups(layer, keep_groups[i])
+    sync_config(model)
+    assert layer_sizes(model) == ([7, 43], [1, 2] if heads else [2, 2])
     assert model.config.model_type == "llmprune_llama"
     torch.testing.assert_close(model(IDS).logits, ref(IDS).logits, rtol=1e-10, atol=1e-10)
     # generation with the KV cache works on the smaller model
@@ -171,7 +172,7 @@ def test_cfsp_sizes_match_allocation_and_reload(tmp_path):
         decoder_layers(model)[1].mlp.down_proj.weight.mul_(0.05)
         decoder_layers(model)[1].self_attn.o_proj.weight.mul_(0.05)
     report = _cfsp(model, max_ratio=0.6)
-    sizes, kv = structured.layer_sizes(model)
+    sizes, kv = layer_sizes(model)
     assert kv == [2] * 4 and all(s % 8 == 0 for s in sizes)
     assert sum(128 - s for s in sizes) == pytest.approx(0.25 * 4 * 128, abs=4)
     assert sizes[1] == min(sizes) < max(sizes)
@@ -180,7 +181,7 @@ def test_cfsp_sizes_match_allocation_and_reload(tmp_path):
     ref = model(IDS).logits
     model.save_pretrained(tmp_path / "m")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    assert structured.layer_sizes(loaded) == (sizes, kv)
+    assert layer_sizes(loaded) == (sizes, kv)
     torch.testing.assert_close(loaded(IDS).logits, ref)
     torch.testing.assert_close(llmprune.load(tmp_path / "m")(IDS).logits, ref)
 
@@ -189,7 +190,7 @@ def test_uniform_allocation_loads_in_plain_transformers(tmp_path):
     model = tiny_llama()
     _cfsp(model, allocation="uniform", prune_heads=True, sparsity=0.5)
     assert model.config.model_type == "llama"
-    assert model.config.intermediate_size == structured.layer_sizes(model)[0][0] < 128
+    assert model.config.intermediate_size == layer_sizes(model)[0][0] < 128
     assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 2
     ref = model(IDS).logits
     model.save_pretrained(tmp_path / "u")
@@ -207,7 +208,7 @@ def test_uniform_allocation_loads_in_plain_transformers(tmp_path):
 def test_ignored_layer_is_left_whole():
     model = tiny_llama(num_hidden_layers=3)
     _cfsp(model, ignore=["*.0.mlp.down_proj"], prune_heads=True, sparsity=0.3)
-    sizes, kv = structured.layer_sizes(model)
+    sizes, kv = layer_sizes(model)
     assert sizes[0] == 128 and kv[0] == 2 and sum(sizes) < 3 * 128
 
 
@@ -218,7 +219,7 @@ def test_prune_heads_budget_counts_attention():
     after = sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters() if p.dim() == 2)
     assert 1 - after / dense == pytest.approx(0.4, abs=0.03)
     assert report.overall_sparsity == pytest.approx(1 - after / dense)
-    assert min(structured.layer_sizes(model)[1]) >= 1
+    assert min(layer_sizes(model)[1]) >= 1
     assert model(IDS).logits.isfinite().all()
 
 
@@ -263,14 +264,14 @@ def test_cli_cfsp_and_combined_recipe(tiny_model_dir, tiny_calib_file, tmp_path,
     assert meta["recipe"]["prune"][0]["prune_heads"] is True and meta["recipe"]["prune"][0]["max_ratio"] == 0.6
     model = llmprune.load(tmp_path / "c")
     assert "saved structured checkpoint" in out or meta["format"] == "dense"
-    assert meta["format"] == ("structured" if structured.is_nonuniform(model) else "dense")
+    assert meta["format"] == ("structured" if is_nonuniform(model) else "dense")
     assert model(IDS).logits.isfinite().all()
 
     code, out, err = run_cli(capsys, "compress", tiny_model_dir, "--recipe", "recipes/cfsp-20-wanda-2of4.yaml",
                              "-o", tmp_path / "cw", *common)
     assert code == 0, err
     model = llmprune.load(tmp_path / "cw")
-    sizes = structured.layer_sizes(model)[0]
+    sizes = layer_sizes(model)[0]
     assert sum(sizes) < 2 * 128
     from llmprune.sparsity import check_nm
 

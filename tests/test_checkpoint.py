@@ -6,8 +6,8 @@ from conftest import TINY_VOCAB, tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import llmprune
-from llmprune.checkpoint import read_metadata, save_checkpoint
 from llmprune.errors import LlmpruneError
+from llmprune.formats.checkpoint import read_metadata, save_checkpoint
 
 
 def test_round_trip_plain_transformers(tmp_path):

@@ -78,13 +78,13 @@ def test_two_gloo_processes_bit_identical_to_one(tmp_path, tiny_model_dir, tiny_
             assert torch.equal(ref[k], exact[k]), f"{method}: weight differs at {k}"
             rel = ((ref[k] - summed[k]).norm() / ref[k].norm().clamp_min(1e-12)).item()
             assert rel < 1e-4, f"{method} sum-reduce: {k} differs by {rel:.2e}"
-        meta = llmprune.checkpoint.read_metadata(tmp_path / f"{method}-exact-w2")
+        meta = llmprune.formats.checkpoint.read_metadata(tmp_path / f"{method}-exact-w2")
         assert meta["engine"] == {"streaming": True, "world_size": 2, "dist_reduce": "exact"}
 
 
 def test_reduce_hook_allreduces_sum_and_count():
+    from llmprune.calibration.distributed import DistContext, allreduce_stats, make_reduce, owned_batches
     from llmprune.calibration.stats import ActSqNorm, Hessian
-    from llmprune.distributed import DistContext, allreduce_stats, make_reduce, owned_batches
 
     assert make_reduce(DistContext()) is None
     assert owned_batches(5, DistContext(world=2, rank=1)) == [1, 3]
@@ -102,15 +102,16 @@ def test_reduce_hook_allreduces_sum_and_count():
 def test_prune_layerwise_reduce_hook_sees_accumulators_before_masks():
     from conftest import TINY_VOCAB, tiny_llama
 
-    from llmprune.calibration.driver import capture_layer_inputs, prune_layerwise
-    from llmprune.registry import method_for_config
+    from llmprune.calibration.capture import capture_layer_inputs
+    from llmprune.engine.layerwise import prune_layerwise
+    from llmprune.prune.registry import method_for_config
 
     model = tiny_llama()
     ids = torch.randint(0, TINY_VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
     cfg = llmprune.WandaConfig(sparsity="2:4")
     seen = []
 
-    def reduce(stats):  # e.g. llmprune.distributed.make_reduce(ctx); here: record what the hook gets
+    def reduce(stats):  # e.g. llmprune.calibration.distributed.make_reduce(ctx); here: record what the hook gets
         seen.append({n: s["act_sq_norm"].count for n, s in stats.items()})
 
     inputs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=2)

@@ -5,10 +5,10 @@ import torch
 from conftest import TINY_VOCAB, tiny_model
 
 import llmprune
-from llmprune.calibration.driver import capture_layer_inputs
+from llmprune.calibration.capture import capture_layer_inputs
 from llmprune.calibration.stats import make_accumulator
-from llmprune.modeling import decoder_layers, decoder_layers_path, linear_modules, non_layer_modules
-from llmprune.registry import method_for_config
+from llmprune.model.access import decoder_layers, decoder_layers_path, linear_modules, non_layer_modules
+from llmprune.prune.registry import method_for_config
 from llmprune.sparsity import check_nm
 
 ARCHS = ["llama", "mistral", "qwen2", "opt"]

@@ -6,9 +6,9 @@ import pytest
 import yaml
 from conftest import SHARED, needs_shared, tiny_text
 
-from llmprune import evaluation
 from llmprune.cli import main
-from llmprune.evaluation import OFFLINE_TASKS, evaluate, metrics_by_task, write_task_dir
+from llmprune.evaluate import lm_eval as evaluation
+from llmprune.evaluate.lm_eval import OFFLINE_TASKS, evaluate, metrics_by_task, write_task_dir
 
 LM_EVAL_DATA = SHARED / "data" / "lm_eval"
 
@@ -143,7 +143,7 @@ def test_unavailable_runtime_feature_is_an_error(checkpoint, data_dir, monkeypat
     code, _, err = run_cli(capsys, "eval", checkpoint, "--tasks", "copa", "--data-dir", data_dir,
                            "--kv-sparsity", "0.5", "--device", "cpu", "-q")
     assert code == 2
-    assert "--kv-sparsity needs llmprune.kvcache" in err
+    assert "--kv-sparsity needs llmprune.runtime.kvcache" in err
 
 
 def test_bad_eval_flags(checkpoint, data_dir, capsys):

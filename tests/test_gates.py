@@ -9,9 +9,7 @@ from conftest import tiny_llama
 
 import llmprune
 from llmprune.cli import main
-from llmprune.gate_runtime import attach_gates, detach_gates, gate_runtime
-from llmprune.gate_training import train_gates
-from llmprune.gates import (
+from llmprune.runtime.gates.gate import (
     GATES_FILE,
     AttnGate,
     GateConfig,
@@ -23,6 +21,8 @@ from llmprune.gates import (
     save_gates,
     select_blocks,
 )
+from llmprune.runtime.gates.runtime import attach_gates, detach_gates, gate_runtime
+from llmprune.runtime.gates.training import train_gates
 
 BS = 16
 

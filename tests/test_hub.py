@@ -5,10 +5,10 @@ import json
 import pytest
 import yaml
 
-from llmprune import hub
 from llmprune.cli import main
-from llmprune.evaluation import record_results
-from llmprune.modelcard import build_card, hub_base_model
+from llmprune.evaluate.lm_eval import record_results
+from llmprune.publish import hub
+from llmprune.publish.modelcard import build_card, hub_base_model
 
 SECRET = "hf_THIS_IS_A_FAKE_TOKEN_0123456789"
 

@@ -5,7 +5,7 @@ import torch
 from conftest import check_close
 from llmprune.kernels.kv_bitmap_attention import kv_bitmap_attention, kv_bitmap_attention_ref
 
-from llmprune.kvcache import _BitmapStore, keep_count
+from llmprune.runtime.kvcache import _BitmapStore, keep_count
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -8,7 +8,7 @@ from transformers.cache_utils import DynamicLayer
 
 import llmprune
 from llmprune.errors import ConfigError, LlmpruneError
-from llmprune.kvcache import (
+from llmprune.runtime.kvcache import (
     TILE,
     BitmapKVCache,
     _BitmapStore,

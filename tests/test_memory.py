@@ -70,7 +70,7 @@ def recipe(calib: str) -> Recipe:
 
 
 def test_peak_memory_flat_in_depth(tmp_path, tiny_calib_file, monkeypatch):
-    import llmprune.streaming as streaming
+    import llmprune.engine.streaming as streaming
 
     peaks, sizes = {}, {}
     for n in (4, 36):

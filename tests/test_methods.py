@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llmprune.errors import ConfigError
-from llmprune.methods import (
+from llmprune.prune.methods import (
     MagnitudeConfig,
     SparseGPTConfig,
     WandaConfig,

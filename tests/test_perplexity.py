@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import TINY_VOCAB, tiny_llama
 
 from llmprune.errors import LlmpruneError
-from llmprune.perplexity import perplexity, wikitext2_text
+from llmprune.evaluate.perplexity import perplexity, wikitext2_text
 
 
 def test_matches_manual_computation():

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import llmprune
 from llmprune.cli import main
-from llmprune.perplexity import perplexity, token_stream, wikitext2_text
+from llmprune.evaluate.perplexity import perplexity, token_stream, wikitext2_text
 
 pytestmark = [pytest.mark.real_model, needs_shared(C4_PARQUET), needs_shared(WIKITEXT)]
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import llmprune
 from llmprune.cli import main
 from llmprune.config import CalibConfig, Recipe
-from llmprune.streaming import (
+from llmprune.engine.streaming import (
     STATE_FILE,
     ShardWriter,
     SimulatedInterruption,

@@ -11,9 +11,9 @@ from torch import nn
 
 import llmprune
 from llmprune import Sparse24Linear, pack_24, unpack_24
-from llmprune.checkpoint import save_checkpoint
 from llmprune.cli import main
 from llmprune.errors import LlmpruneError
+from llmprune.formats.checkpoint import save_checkpoint
 from llmprune.sparsity import nm_mask
 
 
@@ -112,7 +112,7 @@ def test_packed_checkpoint_round_trip(pruned_pair, monkeypatch):
     def no_unpack(*a, **k):
         raise AssertionError("loading must not unpack to dense")
 
-    monkeypatch.setattr("llmprune.sparse24.unpack_24", no_unpack)
+    monkeypatch.setattr("llmprune.runtime.sparse24.unpack_24", no_unpack)
     packed = llmprune.load(packed_dir)
     monkeypatch.undo()
     dense = llmprune.load(dense_dir)
@@ -200,7 +200,7 @@ def test_compress_packed_cli(tiny_model_dir, tiny_calib_file, tmp_path, capsys):
 
 
 def test_load_errors(pruned_pair, tmp_path):
-    from llmprune.sparse24 import load_packed
+    from llmprune.runtime.sparse24 import load_packed
 
     _, packed_dir = pruned_pair
     with pytest.raises(LlmpruneError, match="not a packed 2:4 checkpoint"):

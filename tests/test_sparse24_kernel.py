@@ -5,7 +5,7 @@ import torch
 from conftest import check_close
 from llmprune.kernels.sparse24_linear import heuristic_config, sparse24_linear, sparse24_linear_ref
 
-from llmprune.sparse24 import pack_24
+from llmprune.runtime.sparse24 import pack_24
 from llmprune.sparsity import nm_mask
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import llmprune
 from llmprune.config import CalibConfig, Recipe
-from llmprune.streaming import ShardWriter, parse_size
+from llmprune.engine.streaming import ShardWriter, parse_size
 
 
 def _tensors(d):
@@ -46,7 +46,7 @@ def test_streaming_identical_to_in_memory(tmp_path, tiny_calib_file, arch, cfg):
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
     assert json.loads((a.output / "config.json").read_text()) == json.loads((b.output / "config.json").read_text())
-    ma, mb = llmprune.checkpoint.read_metadata(a.output), llmprune.checkpoint.read_metadata(b.output)
+    ma, mb = llmprune.formats.checkpoint.read_metadata(a.output), llmprune.formats.checkpoint.read_metadata(b.output)
     assert ma["sparsity"] == mb["sparsity"] and ma["recipe"] == mb["recipe"] and ma["dtype"] == mb["dtype"]
     assert "engine" not in ma and mb["engine"]["streaming"] is True
     assert [m.name for m in a.report.modules] == [m.name for m in b.report.modules]
@@ -56,7 +56,7 @@ def test_streaming_identical_to_in_memory(tmp_path, tiny_calib_file, arch, cfg):
 
 
 def test_small_shards_index_and_bf16(tmp_path, tiny_calib_file):  # noqa: F811
-    from llmprune.streaming import StreamOptions, compress_streaming
+    from llmprune.engine.streaming import StreamOptions, compress_streaming
 
     src = tmp_path / "model"
     tiny_llama(num_hidden_layers=2).save_pretrained(src)

@@ -1,7 +1,10 @@
-"""Calibration: data loading, statistics accumulators and the layer-by-layer driver."""
+"""Calibration: data loading, layer-input capture, statistics accumulators and their distributed reduction.
 
+Knows no pruning method: methods name the statistics they need and the engine feeds them.
+"""
+
+from llmprune.calibration.capture import LayerInputs, capture_layer_inputs, run_layer
 from llmprune.calibration.data import load_calibration
-from llmprune.calibration.driver import LayerInputs, capture_layer_inputs, prune_layerwise, run_layer
 from llmprune.calibration.stats import STATS, ActSqNorm, Hessian
 
 __all__ = [
@@ -11,6 +14,5 @@ __all__ = [
     "LayerInputs",
     "capture_layer_inputs",
     "load_calibration",
-    "prune_layerwise",
     "run_layer",
 ]

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmprune import structured
-from llmprune.calibration.driver import _feed, _module_device, capture_layer_inputs, run_layer
-from llmprune.calibration.stats import ActSqNorm
-from llmprune.modeling import decoder_layers
+from llmprune.calibration.capture import capture_layer_inputs, run_layer
+from llmprune.calibration.stats import ActSqNorm, feed_hook
+from llmprune.model.access import attn_of, decoder_layers, mlp_of
+from llmprune.model.device import module_device
 
 
 def angular_distance(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
@@ -52,17 +52,17 @@ def collect_stats(
     out: list[LayerStats] = []
     for idx in tqdm(range(len(layers)), desc="block stats", unit="layer", disable=not progress):
         layer = layers[idx]
-        home = _module_device(layer)
+        home = module_device(layer)
         layer.to(device)
-        mlp = structured.mlp_of(layer)
+        mlp = mlp_of(layer)
         accs = {"mlp_x": ActSqNorm(mlp.gate_proj.in_features, device), "mlp_h": ActSqNorm(mlp.down_proj.in_features, device)}
         mods = {"mlp_x": mlp.gate_proj, "mlp_h": mlp.down_proj}
         if heads:
-            attn = structured.attn_of(layer)
+            attn = attn_of(layer)
             accs["attn_x"] = ActSqNorm(attn.q_proj.in_features, device)
             accs["attn_o"] = ActSqNorm(attn.o_proj.in_features, device)
             mods.update(attn_x=attn.q_proj, attn_o=attn.o_proj)
-        handles = [mods[k].register_forward_hook(_feed({k: accs[k]})) for k in accs]
+        handles = [mods[k].register_forward_hook(feed_hook({k: accs[k]})) for k in accs]
         dist, count = 0.0, 0
         try:
             for b in range(len(inputs)):

@@ -36,7 +36,7 @@ _STREAM_FACTOR = 4
 
 
 def _hub_offline() -> bool:
-    from llmprune._network import hub_reachable
+    from llmprune.model.network import hub_reachable
 
     return not hub_reachable()
 

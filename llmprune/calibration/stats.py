@@ -1,13 +1,15 @@
 """Statistics accumulators over calibration activations.
 
 Methods declare the statistics they need by name (``stats=("hessian",)`` in
-:func:`llmprune.registry.register`); the driver builds one accumulator per
+:func:`llmprune.prune.registry.register`); the driver builds one accumulator per
 linear from :data:`STATS` and feeds it the linear's inputs through a hook.
 Each accumulator holds a running *sum* and a token *count* (so distributed
 runs can all-reduce both) and exposes the normalised :meth:`result`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -61,6 +63,16 @@ class Hessian:
 
 
 STATS = {"act_sq_norm": ActSqNorm, "hessian": Hessian}
+
+
+def feed_hook(accumulators: dict) -> Callable:
+    """Forward hook that adds the module's input to every accumulator in ``accumulators`` (name -> acc)."""
+
+    def hook(module, args, output):  # must return None: a value would replace the output
+        for acc in accumulators.values():
+            acc.add(args[0])
+
+    return hook
 
 
 def make_accumulator(name: str, module: nn.Linear, device: torch.device):

@@ -14,7 +14,7 @@ HELP = "checkpoint bytes, peak memory, prefill and decode tokens/s vs the dense 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from llmprune.evaluation import add_runtime_arguments
+    from llmprune.evaluate.lm_eval import add_runtime_arguments
 
     add_model_arguments(p, positional_help="checkpoint directory, HF id or alias (default: smollm2-135m)")
     p.add_argument("--baseline", default="auto", metavar="BASE", help="dense baseline: auto (the checkpoint's base_model; none for other models), none, or a model")
@@ -28,10 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmprune.bench import bench, format_bench
-    from llmprune.checkpoint import read_metadata
     from llmprune.commands.eval import runtime_options
-    from llmprune.evaluation import is_checkpoint_dir, record_results
+    from llmprune.evaluate.bench import bench, format_bench
+    from llmprune.evaluate.lm_eval import is_checkpoint_dir, record_results
+    from llmprune.formats.checkpoint import read_metadata
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")

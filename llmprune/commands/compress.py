@@ -13,8 +13,8 @@ from pathlib import Path
 from llmprune.commands.common import add_model_arguments
 from llmprune.config import CalibConfig, Recipe, SaveConfig
 from llmprune.errors import ConfigError
+from llmprune.prune.registry import available_methods, get_method, method_for_config
 from llmprune.recipe import build, load_recipe
-from llmprune.registry import available_methods, get_method, method_for_config
 
 NAME = "compress"
 HELP = "prune a Hugging Face causal LM and save the checkpoint"
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = recipe_from_args(args)
     if args.push_to_hub:
-        from llmprune.hub import check_repo_id
+        from llmprune.publish.hub import check_repo_id
 
         check_repo_id(args.push_to_hub)  # before any work
     output = Path(args.output) if args.output else default_output(args.model, recipe)
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     print(result.report.table())
     print(f"saved {result.metadata.get('format', recipe.save.format)} checkpoint to {result.output} ({size / 2**20:.1f} MiB)")
     if args.push_to_hub:
-        from llmprune.hub import push
+        from llmprune.publish.hub import push
 
         print(f"pushed to {push(result.output, args.push_to_hub, private=args.private)}")
     return 0

@@ -23,12 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def convert(src: str | Path, fmt: str, output: str | Path, *, overwrite: bool = False, command: str | None = None):
     """Load ``src`` and save it in format ``fmt`` at ``output``; returns the output path.
 
-    Packed -> dense unpacks every :class:`~llmprune.sparse24.Sparse24Linear` into an ``nn.Linear``; dense ->
+    Packed -> dense unpacks every :class:`~llmprune.runtime.sparse24.Sparse24Linear` into an ``nn.Linear``; dense ->
     packed packs the 2:4 linears of the decoder layers (refused when there is none).
     """
-    from llmprune.checkpoint import check_output, get_format, read_metadata, save_checkpoint
-    from llmprune.models import load_pretrained, load_tokenizer
-    from llmprune.sparse24 import unpack_model
+    from llmprune.formats.checkpoint import check_output, get_format, read_metadata, save_checkpoint
+    from llmprune.model.loading import load_pretrained, load_tokenizer
+    from llmprune.runtime.sparse24 import unpack_model
 
     src = Path(src).expanduser()
     if not (src / "config.json").is_file():

@@ -22,7 +22,7 @@ def _limit(text: str) -> int | float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from llmprune.evaluation import DATA_ENV, OFFLINE_TASKS, add_runtime_arguments
+    from llmprune.evaluate.lm_eval import DATA_ENV, OFFLINE_TASKS, add_runtime_arguments
 
     add_model_arguments(p, positional_help="checkpoint directory, HF id or alias (default: smollm2-135m)")
     p.add_argument("--tasks", default=None, help=f"comma-separated lm-eval task names (offline copies: {','.join(OFFLINE_TASKS)})")
@@ -52,7 +52,7 @@ def _batch_size(text: str) -> int | str:
 
 
 def runtime_options(args: argparse.Namespace) -> dict:
-    from llmprune.evaluation import FEATURE_SETTINGS, RUNTIME_FEATURES
+    from llmprune.evaluate.lm_eval import FEATURE_SETTINGS, RUNTIME_FEATURES
 
     keys = [*RUNTIME_FEATURES, *FEATURE_SETTINGS]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
@@ -60,8 +60,8 @@ def runtime_options(args: argparse.Namespace) -> dict:
 
 def baseline_ref(model: str | None, baseline: str) -> str:
     """``--baseline`` value -> a model reference (``auto``: the checkpoint's recorded base model)."""
-    from llmprune.checkpoint import read_metadata
-    from llmprune.evaluation import is_checkpoint_dir
+    from llmprune.evaluate.lm_eval import is_checkpoint_dir
+    from llmprune.formats.checkpoint import read_metadata
 
     if baseline != "auto":
         return baseline
@@ -72,8 +72,7 @@ def baseline_ref(model: str | None, baseline: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmprune.api import resolve_device
-    from llmprune.evaluation import (
+    from llmprune.evaluate.lm_eval import (
         evaluate,
         format_table,
         is_checkpoint_dir,
@@ -83,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         setup_runtime,
         write_task_dir,
     )
-    from llmprune.models import load_pretrained, load_tokenizer
+    from llmprune.model.device import resolve_device
+    from llmprune.model.loading import load_pretrained, load_tokenizer
 
     if args.write_tasks:
         data = resolve_data_dir(args.data_dir)

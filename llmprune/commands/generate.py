@@ -52,7 +52,7 @@ def checkpoint_runtime(model_ref) -> dict:
     """The ``runtime`` section recorded in a checkpoint's ``llmprune.json`` (empty if none)."""
     from pathlib import Path
 
-    from llmprune.checkpoint import read_metadata
+    from llmprune.formats.checkpoint import read_metadata
 
     if model_ref is None or not Path(str(model_ref)).expanduser().is_dir():
         return {}
@@ -74,9 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from llmprune.api import resolve_device
-    from llmprune.kvcache import BitmapKVCache
-    from llmprune.models import load_pretrained, load_tokenizer
+    from llmprune.model.device import resolve_device
+    from llmprune.model.loading import load_pretrained, load_tokenizer
+    from llmprune.runtime.kvcache import BitmapKVCache
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -28,9 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmprune.api import resolve_device
-    from llmprune.models import load_pretrained, load_tokenizer
-    from llmprune.perplexity import perplexity, token_stream, wikitext2_text
+    from llmprune.evaluate.perplexity import perplexity, token_stream, wikitext2_text
+    from llmprune.model.device import resolve_device
+    from llmprune.model.loading import load_pretrained, load_tokenizer
 
     if args.seqlen < 2:
         raise ConfigError(f"--seqlen must be >= 2, got {args.seqlen}")
@@ -46,13 +46,13 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     model = load_pretrained(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
     ids = token_stream(tokenizer, text)
-    from llmprune.gate_runtime import gates_for_ppl
+    from llmprune.runtime.gates.runtime import gates_for_ppl
 
     gates_rt = gates_for_ppl(model, args.gates, args.attn_sparsity)
     if kv is None:
         res = perplexity(model, ids, args.seqlen, args.max_windows, args.batch_size, progress=not args.quiet)
-    else:  # fed in chunks of the dense window = the token-by-token decode cache state (see llmprune.kvcache)
-        from llmprune.kvcache import perplexity_with_cache
+    else:  # fed in chunks of the dense window = the token-by-token decode cache state (see llmprune.runtime.kvcache)
+        from llmprune.runtime.kvcache import perplexity_with_cache
 
         res = perplexity_with_cache(model, ids, args.seqlen, args.max_windows, **kv, progress=not args.quiet)
     print(
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({"model": args.model, **res.to_dict()}, indent=2) + "\n")
     if kv is not None or gates_rt is not None:  # not the checkpoint's plain perplexity: not recorded as such
         return 0
-    from llmprune.evaluation import record_ppl
+    from llmprune.evaluate.lm_eval import record_ppl
 
     stored = record_ppl(args.model, res.to_dict(), args.data_path, baseline_of=args.baseline_of)
     if stored:

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmprune.hub import push
+    from llmprune.publish.hub import push
 
     url = push(args.directory, args.repo, private=args.private, commit_message=args.message,
                write_card=not args.no_card)

@@ -34,12 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmprune.api import resolve_device
     from llmprune.calibration.data import load_calibration
     from llmprune.config import CalibConfig
-    from llmprune.gate_training import train_gates
-    from llmprune.gates import GATES_FILE, GateConfig, save_gates
-    from llmprune.models import DEFAULT_MODEL, load_pretrained, load_tokenizer
+    from llmprune.model.device import resolve_device
+    from llmprune.model.loading import DEFAULT_MODEL, load_pretrained, load_tokenizer
+    from llmprune.runtime.gates.gate import GATES_FILE, GateConfig, save_gates
+    from llmprune.runtime.gates.training import train_gates
 
     if args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")

@@ -1,0 +1,1 @@
+"""The per-layer engine: calibrate -> method -> apply for each decoder layer, in memory or streaming."""

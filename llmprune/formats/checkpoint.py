@@ -1,0 +1,162 @@
+"""Saving checkpoints atomically, with pluggable on-disk formats.
+
+A checkpoint is a normal Hugging Face folder (``config.json``, safetensors,
+tokenizer) plus ``llmprune.json``: llmprune version, format, base model,
+recipe, calibration and achieved sparsity. It is written to a temporary
+sibling directory and renamed into place at the end, so an interrupted save
+never leaves a half-written checkpoint.
+
+Formats register a saver (and, when the plain transformers loader is not
+enough, a loader) with :func:`register_format`; ``"dense"`` is the default and
+loads with ``AutoModelForCausalLM.from_pretrained`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmprune.errors import LlmpruneError
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "llmprune.json"
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    save: Callable[[Any, Path], None]
+    load: Callable[..., Any] | None = None
+    check: Callable[[Any], None] | None = None  # check(recipe): cheap validation before any work
+
+
+_FORMATS: dict[str, Format] = {}
+
+
+def register_format(
+    name: str, *, load: Callable[..., Any] | None = None, check: Callable[[Any], None] | None = None
+) -> Callable:
+    """Register ``save(model, directory)`` for format ``name`` (decorator).
+
+    ``load(directory, dtype=, device=)`` is used instead of plain transformers when given; ``check(recipe)``
+    runs before any pruning work and raises :class:`~llmprune.errors.ConfigError` for recipes the format
+    cannot store.
+    """
+
+    def deco(save: Callable[[Any, Path], None]) -> Callable:
+        if name in _FORMATS:
+            raise ValueError(f"format {name!r} registered twice")
+        _FORMATS[name] = Format(name, save, load, check)
+        return save
+
+    return deco
+
+
+def get_format(name: str) -> Format:
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise LlmpruneError(f"unknown checkpoint format {name!r} (available: {', '.join(sorted(_FORMATS))})") from None
+
+
+def available_formats() -> list[str]:
+    return sorted(_FORMATS)
+
+
+def save_dense(model, directory: Path) -> None:
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict | None:
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def load_checkpoint_format(directory: str, dtype, device):
+    """Load with the checkpoint's own format loader, or None for plain transformers."""
+    meta = read_metadata(directory) if Path(directory).is_dir() else None
+    if not meta:
+        return None
+    fmt = get_format(meta.get("format", "dense"))
+    if fmt.load is None:
+        return None
+    return fmt.load(directory, dtype=dtype, device=device)
+
+
+def check_output(output: str | os.PathLike, overwrite: bool) -> Path:
+    """Validate an output path before any work starts."""
+    output = Path(output).expanduser()
+    if output.exists() and not overwrite:
+        raise LlmpruneError(f"output {output} already exists (pass --overwrite to replace it)")
+    if output.exists() and not output.is_dir():
+        raise LlmpruneError(f"output {output} exists and is not a directory")
+    return output
+
+
+def move_into_place(src: Path, output: Path) -> None:
+    """Rename the finished directory ``src`` to ``output``, replacing an existing ``output``.
+
+    Both are on one filesystem, so each step is an atomic rename: a reader sees the old
+    checkpoint or the new one, never a mix; the old one is deleted only after the swap.
+    """
+    if output.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.replace(output, old / "x")
+        os.replace(src, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, output)
+
+
+def save_checkpoint(
+    model,
+    tokenizer,
+    output: str | os.PathLike,
+    *,
+    metadata: dict,
+    format: str = "dense",
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a checkpoint atomically.
+
+    Args:
+        model: the (pruned) model.
+        tokenizer: saved beside it (may be None).
+        output: target directory; must not exist unless ``overwrite``.
+        metadata: recorded in ``llmprune.json`` (``format`` is added).
+        format: registered format name.
+        overwrite: replace an existing directory.
+        extra_files: name -> text content, written into the checkpoint.
+
+    Returns:
+        The final directory.
+    """
+    output = check_output(output, overwrite)
+    fmt = get_format(format)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        fmt.save(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {**metadata, "format": format}
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        move_into_place(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %s checkpoint to %s", format, output)
+    return output

@@ -1,0 +1,1 @@
+"""Model access: decoder layers and linears of HF causal LMs, loading, devices, per-layer-size model types."""

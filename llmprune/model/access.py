@@ -1,0 +1,120 @@
+"""Model access: the only place that knows where decoder layers live.
+
+Algorithms call :func:`decoder_layers` and :func:`linear_modules`; they never
+reach into ``model.model.layers``. Llama, Mistral, Qwen2, Gemma, Phi-3 (all
+``model.layers``) and OPT (``model.decoder.layers``) are covered by the table
+below; other layouts are found by looking for the ``ModuleList`` whose length is
+``config.num_hidden_layers``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+from torch import nn
+
+from llmprune.errors import LlmpruneError
+
+# Paths from the *CausalLM* wrapper to its decoder ModuleList, most common first.
+_LAYER_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi-3
+    "model.decoder.layers",  # OPT
+    "model.language_model.layers",  # multimodal wrappers
+    "transformer.h",  # GPT-2 style, Falcon
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+)
+
+# Never pruned unless the user names them explicitly: output head, embeddings.
+DEFAULT_IGNORE = ("lm_head", "*embed*", "*wte*", "*wpe*")
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    mod = root
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
+def decoder_layers_path(model: nn.Module) -> str:
+    """Dotted path of the decoder-layer ``ModuleList`` inside ``model``."""
+    for path in _LAYER_PATHS:
+        mod = _get(model, path)
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            return path
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and n_layers and len(mod) == n_layers:
+            return name
+    raise LlmpruneError(
+        f"cannot find the decoder layers of {type(model).__name__}; supported layouts: {', '.join(_LAYER_PATHS)}"
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM, in execution order."""
+    return _get(model, decoder_layers_path(model))
+
+
+def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
+    """All ``nn.Linear`` modules inside one decoder layer, by relative name."""
+    return {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """Whether a module name matches any glob (``fnmatch``) or is equal/suffix to a pattern.
+
+    ``"mlp.down_proj"`` matches ``model.layers.3.mlp.down_proj``; ``"*.31.*"``
+    matches everything in layer 31.
+    """
+    for pat in patterns:
+        if fnmatch.fnmatchcase(name, pat) or name == pat or name.endswith("." + pat):
+            return True
+    return False
+
+
+def non_layer_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules outside the decoder stack: embeddings, final norm, rotary, head.
+
+    These are what the calibration driver moves to the device to capture the
+    inputs of the first decoder layer.
+    """
+    path = decoder_layers_path(model)
+    parts = path.split(".")
+    ancestors = [model] + [_get(model, ".".join(parts[: i + 1])) for i in range(len(parts) - 1)]
+    layers = _get(model, path)
+    skip = {id(m) for m in ancestors} | {id(layers)}
+    out: list[nn.Module] = []
+    for anc in ancestors:
+        for child in anc.children():
+            if id(child) not in skip:
+                out.append(child)
+    return out
+
+
+def mlp_of(layer: nn.Module) -> nn.Module:
+    mlp = getattr(layer, "mlp", None)
+    if mlp is None or not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        raise LlmpruneError(
+            f"structured pruning needs a gated MLP (mlp.gate_proj/up_proj/down_proj); {type(layer).__name__} has none "
+            "(supported: Llama, Mistral, Qwen2, Qwen3)"
+        )
+    return mlp
+
+
+def attn_of(layer: nn.Module) -> nn.Module:
+    attn = getattr(layer, "self_attn", None)
+    if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        raise LlmpruneError(f"head pruning needs self_attn.q/k/v/o_proj; {type(layer).__name__} has none")
+    return attn
+
+
+def intermediate_size(layer: nn.Module) -> int:
+    return mlp_of(layer).gate_proj.out_features
+
+
+def kv_heads(layer: nn.Module) -> int:
+    attn = attn_of(layer)
+    return attn.k_proj.out_features // attn.head_dim

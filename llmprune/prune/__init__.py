@@ -1,0 +1,1 @@
+"""Pruning: the method registry, the methods (tensors in, mask out), structured surgery, allocation, recovery."""

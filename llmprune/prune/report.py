@@ -1,0 +1,50 @@
+"""What pruning did: one :class:`ModuleReport` per linear, gathered in a :class:`PruneReport`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModuleReport:
+    """What happened to one linear."""
+
+    name: str
+    layer: int
+    shape: tuple[int, int]
+    sparsity: float
+    seconds: float
+    method: str
+
+
+@dataclass
+class PruneReport:
+    """Outcome of :func:`llmprune.prune`: one entry per pruned module, and wall time."""
+
+    modules: list[ModuleReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def overall_sparsity(self) -> float:
+        total = sum(m.shape[0] * m.shape[1] for m in self.modules)
+        zeros = sum(m.sparsity * m.shape[0] * m.shape[1] for m in self.modules)
+        return zeros / total if total else 0.0
+
+    def per_layer(self) -> list[tuple[int, int, float, float]]:
+        """``(layer, n_modules, sparsity, seconds)`` per decoder layer."""
+        rows: dict[int, list[ModuleReport]] = {}
+        for m in self.modules:
+            rows.setdefault(m.layer, []).append(m)
+        out = []
+        for layer, mods in sorted(rows.items()):
+            numel = sum(m.shape[0] * m.shape[1] for m in mods)
+            zeros = sum(m.sparsity * m.shape[0] * m.shape[1] for m in mods)
+            out.append((layer, len(mods), zeros / numel if numel else 0.0, sum(m.seconds for m in mods)))
+        return out
+
+    def table(self) -> str:
+        lines = [f"{'layer':>5}  {'modules':>7}  {'sparsity':>8}  {'time (s)':>8}"]
+        for layer, n, sp, secs in self.per_layer():
+            lines.append(f"{layer:>5}  {n:>7}  {sp:>8.2%}  {secs:>8.2f}")
+        lines.append(f"{'all':>5}  {len(self.modules):>7}  {self.overall_sparsity:>8.2%}  {self.seconds:>8.2f}")
+        return "\n".join(lines)
