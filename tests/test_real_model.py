@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import C4_PARQUET, WIKITEXT, needs_shared
+from helpers import C4_PARQUET, WIKITEXT, needs_shared
 from transformers import AutoModelForCausalLM
 
 import llmprune

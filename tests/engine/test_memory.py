@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama, tiny_tokenizer
 
 import llmprune
 from llmprune.config import CalibConfig, Recipe
@@ -56,7 +56,7 @@ SHAPE = dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_
 # the test model) stays in the allocator and is reused, which hides or inflates the next run's growth.
 CHILD = """
 import sys
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/.."]
 import llmprune, test_memory
 fn = lambda: llmprune.compress(sys.argv[2], test_memory.recipe(sys.argv[4]), sys.argv[3], device="cpu",
                                progress=False, low_memory=True)

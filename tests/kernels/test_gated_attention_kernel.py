@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import check_close
+from helpers import check_close
 from llmprune.kernels.gated_attention import block_indices, gated_attention, gated_attention_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

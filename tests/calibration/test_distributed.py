@@ -100,7 +100,7 @@ def test_reduce_hook_allreduces_sum_and_count():
 
 
 def test_prune_layerwise_reduce_hook_sees_accumulators_before_masks():
-    from conftest import TINY_VOCAB, tiny_llama
+    from helpers import TINY_VOCAB, tiny_llama
 
     from llmprune.calibration.capture import capture_layer_inputs
     from llmprune.engine.layerwise import prune_layerwise

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import check_close
+from helpers import check_close
 from llmprune.kernels.sparse24_linear import heuristic_config, sparse24_linear, sparse24_linear_ref
 
 from llmprune.runtime.sparse24 import pack_24

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_calib_file, tiny_llama, tiny_model, tiny_tokenizer  # noqa: F401
+from helpers import tiny_llama, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 import llmprune
@@ -33,7 +33,7 @@ def _recipe(cfg, calib, **kw):
      ("opt", llmprune.MagnitudeConfig(sparsity="4:8"))],
     ids=["llama-wanda", "llama-sparsegpt", "opt-wanda-ignore", "opt-magnitude"],
 )
-def test_streaming_identical_to_in_memory(tmp_path, tiny_calib_file, arch, cfg):  # noqa: F811
+def test_streaming_identical_to_in_memory(tmp_path, tiny_calib_file, arch, cfg):
     model = tiny_llama(tie_word_embeddings=True, num_hidden_layers=3) if arch == "llama-tied" else tiny_model("opt")
     src = tmp_path / "model"
     model.save_pretrained(src)
@@ -55,7 +55,7 @@ def test_streaming_identical_to_in_memory(tmp_path, tiny_calib_file, arch, cfg):
     assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
 
 
-def test_small_shards_index_and_bf16(tmp_path, tiny_calib_file):  # noqa: F811
+def test_small_shards_index_and_bf16(tmp_path, tiny_calib_file):
     from llmprune.engine.streaming import StreamOptions, compress_streaming
 
     src = tmp_path / "model"
@@ -91,7 +91,7 @@ def test_shard_writer_any_order(tmp_path):
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("500MB") == 5 * 10**8 and parse_size(12) == 12
 
 
-def test_auto_mode_and_unsupported(tmp_path, tiny_model_dir, tiny_calib_file):  # noqa: F811
+def test_auto_mode_and_unsupported(tmp_path, tiny_model_dir, tiny_calib_file):
     recipe = _recipe(llmprune.WandaConfig(sparsity="2:4"), tiny_calib_file)
     res = llmprune.compress(str(tiny_model_dir), recipe, tmp_path / "auto", device="cpu", progress=False)
     assert "engine" not in res.metadata  # small model: in memory by default

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import check_close
+from helpers import check_close
 from llmprune.kernels.kv_bitmap_attention import kv_bitmap_attention, kv_bitmap_attention_ref
 
 from llmprune.runtime.kvcache import _BitmapStore, keep_count

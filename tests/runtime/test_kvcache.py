@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -202,7 +202,7 @@ def _cli(capsys, *argv):
 
 
 def test_generate_and_ppl_commands(tiny_model_dir, tmp_path, capsys):
-    from conftest import tiny_text
+    from helpers import tiny_text
 
     code, out, err = _cli(capsys, "generate", tiny_model_dir, "--prompt", "w1 w2 w3", "--prompt", "w4 w5",
                           "--max-new-tokens", 40, "--kv-sparsity", 0.7, "--kv-window", 16, "--device", "cpu", "-q")

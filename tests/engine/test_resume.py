@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 
 import llmprune

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 import llmprune
 from llmprune.cli import main

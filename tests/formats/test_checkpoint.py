@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_VOCAB, tiny_llama, tiny_tokenizer
+from helpers import TINY_VOCAB, tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import llmprune

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VOCAB, tiny_llama
+from helpers import TINY_VOCAB, tiny_llama
 
 from llmprune.errors import LlmpruneError
 from llmprune.evaluate.perplexity import perplexity, wikitext2_text

@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_VOCAB, tiny_llama
+from helpers import TINY_VOCAB, run_cli, tiny_llama
 
 import llmprune
 from llmprune.calibration.blockstats import angular_distance
-from llmprune.cli import main
 from llmprune.errors import ConfigError
 from llmprune.model.access import decoder_layers, kv_heads
 from llmprune.model.structured import is_nonuniform, layer_sizes, sync_config
@@ -247,12 +246,6 @@ def test_recovery_lowers_calibration_loss_with_cosine_schedule():
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_cfsp_and_combined_recipe(tiny_model_dir, tiny_calib_file, tmp_path, capsys):

@@ -4,18 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import run_cli, tiny_llama
 
-from llmprune.cli import main
 from llmprune.evaluate import lm_eval as evaluation
 from llmprune.evaluate.bench import PeakMemory, checkpoint_bytes, time_generation
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 FAST = ["--prompt-len", 8, "--new-tokens", 2, "--repeats", 1, "--batch-size", 2, "--device", "cpu"]
 

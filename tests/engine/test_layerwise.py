@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_VOCAB, tiny_model
+from helpers import TINY_VOCAB, tiny_model
 
 import llmprune
 from llmprune.calibration.capture import capture_layer_inputs

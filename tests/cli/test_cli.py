@@ -3,15 +3,9 @@
 import json
 
 import pytest
-from conftest import tiny_text
+from helpers import run_cli, tiny_text
 
 from llmprune.cli import main
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_compress_end_to_end(tiny_model_dir, tiny_calib_file, tmp_path, capsys):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_VOCAB, tiny_llama, tiny_tokenizer
+from helpers import TINY_VOCAB, tiny_llama, tiny_tokenizer
 from safetensors import safe_open
 from torch import nn
 

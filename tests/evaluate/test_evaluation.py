@@ -4,9 +4,8 @@ import json
 
 import pytest
 import yaml
-from conftest import SHARED, needs_shared, tiny_text
+from helpers import SHARED, needs_shared, run_cli, tiny_text
 
-from llmprune.cli import main
 from llmprune.evaluate import lm_eval as evaluation
 from llmprune.evaluate.lm_eval import OFFLINE_TASKS, evaluate, metrics_by_task, write_task_dir
 
@@ -19,12 +18,6 @@ SAMPLES = {
     "winogrande": {"context_options": ["w1 w2 w3", "w1 w2 w4"], "continuation": "w5 w6.", "gold": 0},
     "lambada_openai": {"context": "w1 w2 w3 w4", "continuation": "w5"},
 }
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -60,7 +53,7 @@ def test_write_task_dir_and_task_manager(data_dir, tmp_path):
 
 def test_evaluate_all_offline_tasks_metric_names(data_dir, monkeypatch):
     """Every shipped task runs on a loaded model and reports lm-eval's standard metric names."""
-    from conftest import tiny_llama, tiny_tokenizer
+    from helpers import tiny_llama, tiny_tokenizer
 
     monkeypatch.delenv(evaluation.DATA_ENV, raising=False)
     res = evaluate(tiny_llama(), tiny_tokenizer(), list(OFFLINE_TASKS), limit=2, batch_size=4, data_dir=data_dir)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import C4_PARQUET, needs_shared, tiny_llama, tiny_text, tiny_tokenizer
+from helpers import C4_PARQUET, needs_shared, tiny_llama, tiny_text, tiny_tokenizer
 
 from llmprune.calibration.data import load_calibration, token_windows
 from llmprune.config import CalibConfig

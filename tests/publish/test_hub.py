@@ -4,19 +4,13 @@ import json
 
 import pytest
 import yaml
+from helpers import run_cli
 
-from llmprune.cli import main
 from llmprune.evaluate.lm_eval import record_results
 from llmprune.publish import hub
 from llmprune.publish.modelcard import build_card, hub_base_model
 
 SECRET = "hf_THIS_IS_A_FAKE_TOKEN_0123456789"
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 class FakeApi:
