@@ -4,7 +4,7 @@ Protocol:
   * WikiText-2 raw test joined with "\\n\\n", tokenized once, non-overlapping --seqlen windows (default 512), the first
     --windows of them (default 10), mean next-token NLL over all predicted tokens (the foundation's protocol);
   * "dense, no cache" is the foundation's one-pass evaluation (`llmprune.perplexity`);
-  * every KV row uses `llmprune.runtime.kvcache.perplexity_with_cache`: each window starts from an empty `BitmapKVCache`
+  * every KV row uses `llmprune.evaluate.perplexity.perplexity_with_cache`: each window starts from an empty `BitmapKVCache`
     and is fed in chunks of exactly --kv-window tokens, so chunk j attends to tokens [0, j*window) pruned and
     compressed and to itself dense/causal -- the cache state token-by-token decode would see;
   * bytes: stored (bitmaps + offsets + kept values + dense window) / dense cache bytes, at the end of a window,
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import llmprune
-from llmprune.evaluate.perplexity import perplexity, token_stream, wikitext2_text
-from llmprune.runtime.kvcache import expected_ratio, perplexity_with_cache
+from llmprune.evaluate.perplexity import perplexity, perplexity_with_cache, token_stream, wikitext2_text
+from llmprune.runtime.kvcache import expected_ratio
 
 
 def main() -> None:

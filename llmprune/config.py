@@ -13,20 +13,23 @@ from typing import Any, ClassVar
 from llmprune.errors import ConfigError
 from llmprune.sparsity import SparsityPattern
 
+#: Recent tokens the bitmap KV cache keeps dense unless told otherwise (one definition for every entry point).
+DEFAULT_KV_WINDOW = 32
 
-def _check_int(name: str, value: Any, minimum: int = 1) -> int:
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
-def _check_float(name: str, value: Any, lo: float, hi: float) -> float:
+def check_float(name: str, value: Any, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= float(value) <= hi:
         raise ConfigError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
     return float(value)
 
 
-def _check_patterns(name: str, value: Any) -> tuple[str, ...]:
+def check_patterns(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
@@ -52,7 +55,7 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         self.sparsity = SparsityPattern.parse(self.sparsity)
-        self.ignore = _check_patterns("ignore", self.ignore)
+        self.ignore = check_patterns("ignore", self.ignore)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -91,10 +94,10 @@ class CalibConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError(f"calibration source must be a non-empty string, got {self.source!r}")
-        _check_int("nsamples", self.nsamples)
-        _check_int("seqlen", self.seqlen, minimum=2)
-        _check_int("seed", self.seed, minimum=0)
-        _check_int("batch_size", self.batch_size)
+        check_int("nsamples", self.nsamples)
+        check_int("seqlen", self.seqlen, minimum=2)
+        check_int("seed", self.seed, minimum=0)
+        check_int("batch_size", self.batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -140,14 +143,14 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         if self.kv_sparsity is not None:
-            _check_float("runtime.kv_sparsity", self.kv_sparsity, 0.0, 0.99)
+            check_float("runtime.kv_sparsity", self.kv_sparsity, 0.0, 0.99)
         if self.attn_sparsity is not None:
-            _check_float("runtime.attn_sparsity", self.attn_sparsity, 0.0, 0.99)
+            check_float("runtime.attn_sparsity", self.attn_sparsity, 0.0, 0.99)
         for name in ("kv_k_sparsity", "kv_v_sparsity"):
             if getattr(self, name) is not None:
-                _check_float(f"runtime.{name}", getattr(self, name), 0.0, 0.99)
+                check_float(f"runtime.{name}", getattr(self, name), 0.0, 0.99)
         if self.kv_window is not None:
-            _check_int("runtime.kv_window", self.kv_window)
+            check_int("runtime.kv_window", self.kv_window)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

@@ -35,7 +35,7 @@ _FILE_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": 
 _STREAM_FACTOR = 4
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     from llmprune.model.network import hub_reachable
 
     return not hub_reachable()
@@ -170,7 +170,7 @@ def load_calibration(cfg: CalibConfig, tokenizer, model=None) -> torch.Tensor:
         log.info("calibration: %d documents from %s", len(texts), path)
         return token_windows(texts, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, source)
     if source == "auto":
-        if not _hub_offline():
+        if not hub_offline():
             try:
                 texts = _load_hub_texts(CalibConfig(source="c4"))
                 log.info("calibration: C4 validation shard 0 from the Hub")
@@ -185,7 +185,7 @@ def load_calibration(cfg: CalibConfig, tokenizer, model=None) -> torch.Tensor:
             raise LlmpruneError("calibration source 'self' needs the model")
         log.info("calibration: sampling %d x %d tokens from the model", cfg.nsamples, cfg.seqlen)
         return sample_from_model(model, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
-    if _hub_offline():
+    if hub_offline():
         raise LlmpruneError(f"calibration dataset {source!r} needs the Hub, which is offline (HF_HUB_OFFLINE)")
     try:
         texts = _load_hub_texts(cfg)

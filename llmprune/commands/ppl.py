@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if kv is None:
         res = perplexity(model, ids, args.seqlen, args.max_windows, args.batch_size, progress=not args.quiet)
     else:  # fed in chunks of the dense window = the token-by-token decode cache state (see llmprune.runtime.kvcache)
-        from llmprune.runtime.kvcache import perplexity_with_cache
+        from llmprune.evaluate.perplexity import perplexity_with_cache
 
         res = perplexity_with_cache(model, ids, args.seqlen, args.max_windows, **kv, progress=not args.quiet)
     print(

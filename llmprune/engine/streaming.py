@@ -36,7 +36,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from llmprune.config import CalibConfig, Recipe
 from llmprune.engine.layerwise import apply_method
 from llmprune.errors import ConfigError, LlmpruneError
 from llmprune.formats.checkpoint import METADATA_FILE, check_output, move_into_place
+from llmprune.formats.shards import DEFAULT_SHARD_SIZE, ShardWriter
 from llmprune.model.access import (
     DEFAULT_IGNORE,
     decoder_layers,
@@ -67,24 +67,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
-DEFAULT_SHARD_SIZE = 5 * 10**9
-
-_ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        _ST_DTYPES[getattr(torch, _name)] = _code
-
 
 def parse_size(value: str | int | float | None) -> int | None:
     """``"20GiB"``, ``"500MB"``, ``"1e9"``, ``123`` -> bytes (None stays None)."""
@@ -170,97 +152,6 @@ class SafetensorsSource:
 
     def close(self) -> None:
         self._handles.clear()
-
-
-# --------------------------------------------------------------------------------------------------- writer
-class ShardWriter:
-    """Safetensors shards planned up front and filled tensor by tensor, in any order.
-
-    Each shard's header (names, dtypes, shapes, offsets) is written when the writer is created and the file is
-    sized to its final length; :meth:`write` puts one tensor's bytes at its offset. Files are plain
-    safetensors once every tensor is written; :meth:`finish` adds ``model.safetensors.index.json``.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
-        max_shard_size: int = DEFAULT_SHARD_SIZE,
-        *,
-        reopen: bool = False,
-    ) -> None:
-        self.directory = Path(directory)
-        shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
-        size = 0
-        for key, dtype, shape in plan:
-            if dtype not in _ST_DTYPES:
-                raise LlmpruneError(f"cannot write dtype {dtype} of {key} to safetensors")
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if shards[-1] and size + nbytes > max_shard_size:
-                shards.append([])
-                size = 0
-            shards[-1].append((key, dtype, shape))
-            size += nbytes
-        n = len(shards)
-        self.where: dict[str, tuple[str, int, torch.dtype, tuple[int, ...], int]] = {}
-        self.files: list[str] = []
-        self.total_size = 0
-        self._fh: dict[str, object] = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            header: dict = {"__metadata__": {"format": "pt"}}
-            off = 0
-            entries = []
-            for key, dtype, shape in shard:
-                nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-                header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
-                entries.append((key, off, dtype, shape, nbytes))
-                off += nbytes
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)
-            start = 8 + len(raw)
-            for key, o, dtype, shape, nbytes in entries:
-                self.where[key] = (fname, start + o, dtype, shape, nbytes)
-            self.files.append(fname)
-            self.total_size += off
-            path = self.directory / fname
-            if reopen and path.is_file() and path.stat().st_size == start + off:
-                continue
-            with open(path, "wb") as f:
-                f.write(struct.pack("<Q", len(raw)))
-                f.write(raw)
-                f.truncate(start + off)
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        fname, offset, dtype, shape, nbytes = self.where[key]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise LlmpruneError(f"{key}: got {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {shape}")
-        if fname not in self._fh:
-            self._fh[fname] = open(self.directory / fname, "r+b")  # noqa: SIM115 - kept open across writes
-        f = self._fh[fname]
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        assert data.nbytes == nbytes
-        f.seek(offset)
-        f.write(memoryview(data))
-
-    def flush(self) -> None:
-        for f in self._fh.values():
-            f.flush()
-            os.fsync(f.fileno())
-
-    def close(self) -> None:
-        self.flush()
-        for f in self._fh.values():
-            f.close()
-        self._fh.clear()
-
-    def finish(self) -> None:
-        self.close()
-        index = {
-            "metadata": {"total_size": self.total_size},
-            "weight_map": {k: w[0] for k, w in sorted(self.where.items())},
-        }
-        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------- activations
@@ -505,9 +396,9 @@ def _calibration(plan: _Plan, recipe: Recipe, tokenizer, opts: StreamOptions, tr
     source = calib_cfg.source
     needs_model = source == "self"
     if source == "auto":
-        from llmprune.calibration.data import _hub_offline
+        from llmprune.model.network import hub_reachable
 
-        needs_model = _hub_offline()
+        needs_model = not hub_reachable()
     if needs_model:  # sampling from the model: accelerate big-model inference, offloading what does not fit
         from transformers import AutoModelForCausalLM
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmprune.config import _check_float, _check_int
+from llmprune.config import check_float, check_int
 from llmprune.model.access import decoder_layers
 from llmprune.model.device import module_device
 
@@ -41,10 +41,10 @@ class RecoveryOptions:
     recover_batch_size: int = 2
 
     def check_recovery(self) -> None:
-        _check_int("recover_steps", self.recover_steps, minimum=0)
-        _check_float("recover_lr", self.recover_lr, 1e-8, 1.0)
-        _check_int("lora_rank", self.lora_rank)
-        _check_int("recover_batch_size", self.recover_batch_size)
+        check_int("recover_steps", self.recover_steps, minimum=0)
+        check_float("recover_lr", self.recover_lr, 1e-8, 1.0)
+        check_int("lora_rank", self.lora_rank)
+        check_int("recover_batch_size", self.recover_batch_size)
 
 
 def lora_ranks(importance: list[float], rank: int) -> list[int]:

@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -548,74 +546,3 @@ def enable_kernel_attention(model_or_config) -> None:
     if getattr(config, "_attn_implementation", None) != ATTN_IMPL:
         log.info("attention implementation %s -> %s", getattr(config, "_attn_implementation", None), ATTN_IMPL)
         config._attn_implementation = ATTN_IMPL
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# perplexity with the pruned cache active
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CachePerplexityResult:
-    ppl: float
-    nll: float
-    tokens: int
-    windows: int
-    seqlen: int
-    seconds: float
-    k_sparsity: float
-    v_sparsity: float
-    kv_window: int
-    bytes_ratio: float  # stored/dense at the end of a window, at the evaluated dtype
-    bytes_ratio_16bit: float  # same, counting 2-byte values
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@torch.no_grad()
-def perplexity_with_cache(
-    model,
-    input_ids: torch.Tensor,
-    seqlen: int = 2048,
-    max_windows: int | None = None,
-    k_sparsity: float = 0.7,
-    v_sparsity: float | None = None,
-    window: int = 32,
-    backend: str = "auto",
-    progress: bool = True,
-) -> CachePerplexityResult:
-    """WikiText-style perplexity with the pruned bitmap cache active.
-
-    Same windows as :func:`llmprune.evaluate.perplexity.perplexity` (non-overlapping ``seqlen`` windows, mean NLL over
-    ``seqlen - 1`` predictions each), but each window is fed in chunks of exactly ``window`` tokens through a fresh
-    :class:`BitmapKVCache`. Chunk ``j`` attends to tokens ``[0, j * window)`` pruned and compressed (they were flushed
-    at the start of the update) and to itself dense and causal: every query sees exactly the cache it would see in
-    token-by-token decode, at ``seqlen / window`` forward passes instead of ``seqlen``.
-    """
-    from tqdm.auto import tqdm
-
-    from llmprune.evaluate.perplexity import eval_windows
-
-    v_sparsity = k_sparsity if v_sparsity is None else v_sparsity
-    windows = eval_windows(input_ids, seqlen, max_windows)
-    n_windows = windows.shape[0]
-    device = next(model.parameters()).device
-    total_nll, total_tokens, ratio, ratio16 = 0.0, 0, float("nan"), float("nan")
-    t0 = time.perf_counter()
-    for w in tqdm(range(n_windows), desc="perplexity (kv cache)", unit="window", disable=not progress):
-        ids = windows[w : w + 1].to(device)
-        cache = BitmapKVCache(model.config, k_sparsity, v_sparsity, window=window, backend=backend)
-        logits = []
-        for s in range(0, seqlen, window):
-            out = model(input_ids=ids[:, s : s + window], past_key_values=cache, use_cache=True)
-            logits.append(out.logits.float())
-        logits = torch.cat(logits, dim=1)
-        total_nll += float(F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
-        total_tokens += seqlen - 1
-        ratio, ratio16 = cache.compression_ratio(), cache.compression_ratio(element_size=2)
-    mean = total_nll / total_tokens
-    return CachePerplexityResult(
-        math.exp(mean), mean, total_tokens, n_windows, seqlen, time.perf_counter() - t0,
-        float(k_sparsity), float(v_sparsity), window, ratio, ratio16,
-    )

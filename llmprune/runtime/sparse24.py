@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmprune.errors import ConfigError, LlmpruneError
+from llmprune.formats.shards import DEFAULT_SHARD_SIZE, plan_shards, shard_name, write_index
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ FORMAT_VERSION = 1
 PACKABLE_PATTERNS = ("2:4", "1:4", "1:2")
 #: Largest number of input rows handled by the Triton kernel; above it, unpack + dense matmul.
 KERNEL_MAX_M = 16
-_MAX_SHARD_BYTES = 5 * 2**30
 
 
 # --------------------------------------------------------------------------- pack / unpack
@@ -308,7 +308,7 @@ def _quant_config(names: list[str]) -> dict:
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "modules": names}
 
 
-def save_packed(model: nn.Module, directory: Path, max_shard_bytes: int = _MAX_SHARD_BYTES) -> None:
+def save_packed(model: nn.Module, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_SIZE) -> None:
     """Save ``model`` with its 2:4 linears packed (the ``"packed"`` format's saver)."""
     from safetensors.torch import save_file
 
@@ -340,24 +340,17 @@ def save_packed(model: nn.Module, directory: Path, max_shard_bytes: int = _MAX_S
             del tensors[key]
         else:
             seen[ident] = key
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t.contiguous().cpu()
-        size += nbytes
+    keys = list(tensors)
+    sizes = [tensors[k].numel() * tensors[k].element_size() for k in keys]
+    groups = plan_shards(sizes, max_shard_bytes)
     weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for i, group in enumerate(groups):
+        fname = shard_name(i, len(groups))
+        save_file({keys[j]: tensors[keys[j]].contiguous().cpu() for j in group}, str(directory / fname),
+                  metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys((keys[j] for j in group), fname))
+    if len(groups) > 1:
+        write_index(directory, weight_map, sum(sizes))
     config = copy.deepcopy(model.config)
     config.quantization_config = _quant_config(names)
     dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)

@@ -8,6 +8,7 @@ from transformers.cache_utils import DynamicLayer
 
 import llmprune
 from llmprune.errors import ConfigError, LlmpruneError
+from llmprune.evaluate.perplexity import perplexity_with_cache
 from llmprune.runtime.kvcache import (
     TILE,
     BitmapKVCache,
@@ -15,7 +16,6 @@ from llmprune.runtime.kvcache import (
     expected_ratio,
     keep_count,
     pack_bitmap,
-    perplexity_with_cache,
     unpack_bitmap,
 )
 from llmprune.sparsity import topk_mask

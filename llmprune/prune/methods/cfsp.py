@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from llmprune.calibration.blockstats import LayerStats, collect_stats
-from llmprune.config import PruneConfig, _check_float, _check_int
+from llmprune.config import PruneConfig, check_float, check_int
 from llmprune.errors import ConfigError
 from llmprune.model.access import attn_of, decoder_layers, decoder_layers_path, kv_heads, matches_any, mlp_of
 from llmprune.model.structured import sync_config
@@ -74,8 +74,8 @@ class CFSPConfig(RecoveryOptions, PruneConfig):
         if not isinstance(self.prune_heads, bool):
             raise ConfigError(f"prune_heads must be true or false, got {self.prune_heads!r}")
         for name, lo, hi in (("min_ratio", 0.0, 1.0), ("max_ratio", 0.0, 0.999), ("power", 0.0, 10.0)):
-            _check_float(name, getattr(self, name), lo, hi)
-        _check_int("round_to", self.round_to)
+            check_float(name, getattr(self, name), lo, hi)
+        check_int("round_to", self.round_to)
         self.check_recovery()
         if self.allocation not in ("coarse", "uniform"):
             raise ConfigError(f"allocation must be 'coarse' or 'uniform', got {self.allocation!r}")

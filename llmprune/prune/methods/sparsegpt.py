@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from llmprune.config import PruneConfig, _check_float, _check_int
+from llmprune.config import PruneConfig, check_float, check_int
 from llmprune.sparsity import SparsityPattern, tensor_mask
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ class SparseGPTConfig(PruneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("blocksize", self.blocksize)
-        _check_float("percdamp", self.percdamp, 0.0, 1.0)
+        check_int("blocksize", self.blocksize)
+        check_float("percdamp", self.percdamp, 0.0, 1.0)
         if self.sparsity.is_nm and self.blocksize % self.sparsity.m:
             from llmprune.errors import ConfigError
 
