@@ -31,7 +31,8 @@ import torch
 
 
 def build_cache(B, Hkv, T, d, sparsity, window, dtype, device, seed=0):
-    from llmprune.runtime.kvcache import _BitmapStore, keep_count
+    from llmprune.formats.bitmap import keep_count
+    from llmprune.runtime.kvcache.store import _BitmapStore
 
     g = torch.Generator(device=device).manual_seed(seed)
     W = min(T, window)
@@ -160,7 +161,7 @@ def main() -> int:
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kv_bitmap: needs a CUDA GPU (the kernel timings and tokens/s are GPU measurements); "
-              "on CPU run the tests instead: TRITON_INTERPRET=1 pytest tests/test_kv_bitmap_kernel.py", file=sys.stderr)
+              "on CPU run the tests instead: TRITON_INTERPRET=1 pytest tests/kernels/test_kv_bitmap_kernel.py", file=sys.stderr)
         return 2
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     a.contexts, a.batches, a.e2e_batches, a.block_ns = ints(a.contexts), ints(a.batches), ints(a.e2e_batches), ints(a.block_ns)

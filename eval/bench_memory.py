@@ -58,7 +58,7 @@ def write_random_checkpoint(directory: Path, shape: dict, dtype: str, seed: int 
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmprune.engine.streaming import ShardWriter
+    from llmprune.formats.shards import ShardWriter
     from llmprune.model.loading import parse_dtype, resolve_model
 
     torch_dtype = parse_dtype(dtype)

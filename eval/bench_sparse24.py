@@ -57,7 +57,7 @@ def copy_bandwidth(bench) -> float:
 def kernel_table(args, bench) -> tuple[list[dict], float]:
     from llmprune.kernels import sparse24_linear as S
 
-    from llmprune.runtime.sparse24 import pack_24
+    from llmprune.formats.sparse24 import pack_24
     from llmprune.sparsity import nm_mask
 
     dtype = getattr(torch, args.dtype)

@@ -59,7 +59,7 @@ def main() -> int:
     model = tok = None
     if any(st != "report" for st in stages):
         tok = load_tokenizer(args.model)
-        model = load_pretrained(args.model, dtype="float32", gates=False)
+        model = load_pretrained(args.model, dtype="float32")  # weights only, no gates
     for st in stages:
         if st == "train":
             cfg = GateConfig.for_model(model, block_size=args.block_size, gate_dim=args.gate_dim)

@@ -28,7 +28,7 @@ import torch
 
 import llmprune
 from llmprune.evaluate.perplexity import perplexity, perplexity_with_cache, token_stream, wikitext2_text
-from llmprune.runtime.kvcache import expected_ratio
+from llmprune.formats.bitmap import expected_ratio
 
 
 def main() -> None:

@@ -15,13 +15,9 @@ sync is needed. A head with no selected block outputs zeros.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -104,6 +100,10 @@ def _gated_combine_kernel(
     acc = tl.load(acc_ptr + part[:, None] * HEAD_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     o = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
+#: True when the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module loaded).
+_INTERPRETED = not isinstance(_gated_attention_kernel, triton.runtime.JITFunction)
 
 
 def block_indices(blocks: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +190,7 @@ def gated_attention(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         idx.stride(0), idx.stride(1),
         NUM_SPLITS=splits, G_PAD=g_pad, BLOCK_N=block_size, HEAD_D=d,
-        DOT_FP32=_INTERPRET, num_warps=4, num_stages=2,
+        DOT_FP32=_INTERPRETED, num_warps=4, num_stages=2,
     )
     _gated_combine_kernel[(b * hq,)](
         m, l_, acc, out, g, hkv, out.stride(0), out.stride(1),

@@ -1,6 +1,6 @@
 """Decode attention over a bitmap-compressed KV cache (Mustafar-style), with split-K over the sequence.
 
-Inputs (layout documented in :mod:`llmprune.runtime.kvcache`): per (batch, KV head) row, the first ``n_compressed`` tokens
+Inputs (layout documented in :mod:`llmprune.formats.bitmap`): per (batch, KV head) row, the first ``n_compressed`` tokens
 of K and of V as ``bitmap`` (int64, one word per 64-element tile, ``head_dim / 64`` tiles per token), ``offsets``
 (int32, index of each tile's first kept value) and ``values`` (kept values, element order); then a dense window
 ``[B, Hkv, W, d]`` of the most recent tokens. The ``M`` queries ``q [B, Hq, M, d]`` are the last ``M`` window tokens
@@ -21,17 +21,19 @@ partials of every row (log-sum-exp rescaling) and writes the output in the query
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from llmprune.formats.bitmap import TILE, BitmapTensor, unpack_bitmap
+
 _LOG2E = 1.4426950408889634
 
 #: Most query tokens per sequence the kernel takes (``G * M`` rows per program must fit a register tile).
 MAX_QUERIES = 16
+# The jitted code below hard-codes the tile as 64 bits (one int64 bitmap word).
+assert TILE == 64
 
 
 @triton.jit
@@ -186,6 +188,10 @@ def _kv_bitmap_combine_kernel(
     tl.store(out_ptr + b.to(tl.int64) * s_ob + qhead.to(tl.int64) * s_oh + qpos * s_om + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
+#: True when the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module loaded).
+_INTERPRETED = not isinstance(_kv_bitmap_attention_kernel, triton.runtime.JITFunction)
+
+
 def _num_splits(n_blocks: int, programs: int, device: torch.device) -> int:
     if n_blocks == 0:
         return 1
@@ -268,7 +274,7 @@ def kv_bitmap_attention(
     for name, t in (("k_window", k_window), ("v_window", v_window)):
         if t.dtype != q.dtype or t.device != dev or t.stride(3) != 1:
             raise ValueError(f"{name} must be {q.dtype} on {dev} with a contiguous last dimension")
-    n_tiles = n_compressed * d // 64
+    n_tiles = n_compressed * d // TILE
     _check_row("k_bitmap", k_bitmap, B, Hkv, torch.int64, n_tiles, dev)
     _check_row("v_bitmap", v_bitmap, B, Hkv, torch.int64, n_tiles, dev)
     _check_row("k_offsets", k_offsets, B, Hkv, torch.int32, n_tiles, dev)
@@ -299,7 +305,7 @@ def kv_bitmap_attention(
     pml = torch.empty(B * Hkv, S + 1, 2, BLOCK_R, dtype=torch.float32, device=dev)
     mask_arg = kv_mask if kv_mask is not None else q
     s_mb = kv_mask.stride(0) if kv_mask is not None else 0
-    ieee = q.dtype == torch.float32 and not _INTERPRET
+    ieee = q.dtype == torch.float32 and not _INTERPRETED
     num_warps = 4 if d <= 64 else 8
     _kv_bitmap_attention_kernel[(B * Hkv, S + 1)](
         q, k_bitmap, k_offsets, k_values, v_bitmap, v_offsets, v_values, k_window, v_window, mask_arg, po, pml,
@@ -314,7 +320,7 @@ def kv_bitmap_attention(
         v_window.stride(0), v_window.stride(1), v_window.stride(2),
         s_mb,
         D=d, BLOCK_N=block_n, BLOCK_R=BLOCK_R, HAS_MASK=kv_mask is not None,
-        DOT_FP32=_INTERPRET or q.dtype == torch.float32, IEEE=ieee,
+        DOT_FP32=_INTERPRETED or q.dtype == torch.float32, IEEE=ieee,
         num_warps=num_warps,
     )
     _kv_bitmap_combine_kernel[(B * Hkv, G * M)](
@@ -341,11 +347,9 @@ def kv_bitmap_attention_ref(
     kv_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch reference of :func:`kv_bitmap_attention` (fp32 math, output in ``q.dtype``)."""
-    from llmprune.runtime.kvcache import BitmapTensor, unpack_bitmap
-
     B, Hq, M, d = q.shape
     Hkv, W = k_window.shape[1], k_window.shape[2]
-    nt = n_compressed * d // 64
+    nt = n_compressed * d // TILE
 
     def dense(bm, off, vals):
         if n_compressed == 0:

@@ -1,7 +1,7 @@
 """``y = x @ W^T (+ bias)`` with ``W`` stored packed 2:4, for decode-sized ``x`` (a few rows).
 
 ``W`` is given as ``values [N, K/2]`` (fp16/bf16) and ``meta [N, ceil(K/32)]`` int32, in the layout documented
-in :mod:`llmprune.runtime.sparse24` (value ``j`` of a row sits at column ``4 * (j // 2) + p``, ``p`` = the 2-bit field
+in :mod:`llmprune.formats.sparse24` (value ``j`` of a row sits at column ``4 * (j // 2) + p``, ``p`` = the 2-bit field
 at bits ``2 * (j % 16)`` of word ``j // 16``). The kernel reads the packed bytes only (56.25% of the dense
 weight), which is what makes it faster than cuBLAS at batch size 1, where a linear is memory bound.
 
@@ -17,8 +17,10 @@ slices ``x[:, 4g + p]`` (``p = 0..3``) of the input. Then either
   ``sum_p dot(x[:, 4g + p], W[:, 4g + p]^T)`` on tensor cores.
 
 Accumulation is fp32. With ``SPLIT_K > 1`` the group range is split across programs that write fp32 partials,
-summed (plus bias, cast) by ``_sparse24_reduce_kernel``. Above ``MAX_KERNEL_M`` rows the launcher unpacks the
-weight and calls the dense matmul (prefill is compute bound; unpacking is amortized).
+summed (plus bias, cast) by ``_sparse24_reduce_kernel``.
+
+The launcher runs the kernel for any number of rows; choosing it over unpack + dense matmul (which wins once the
+op is compute bound, e.g. at prefill) is the caller's decision (:mod:`llmprune.runtime.kernel_policy`).
 """
 
 from __future__ import annotations
@@ -30,10 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-#: Above this many rows, unpack + dense matmul (``F.linear``) is used instead of the kernel.
-MAX_KERNEL_M = 64
+from llmprune.formats.sparse24 import meta_words, unpack_24
 
 
 @triton.jit
@@ -152,6 +151,10 @@ def _sparse24_reduce_kernel(ws_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, 
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+#: True when the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module loaded).
+_INTERPRETED = not isinstance(_sparse24_linear_kernel, triton.runtime.JITFunction)
+
+
 # --------------------------------------------------------------------------- configs
 
 
@@ -256,8 +259,8 @@ def _check(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias, out)
     n = values.shape[0]
     if k % 4 or values.shape[1] * 2 != k:
         raise ValueError(f"x has K={k} columns but values {tuple(values.shape)} holds K/2 per row (K % 4 == 0)")
-    if meta.shape != (n, (k // 2 + 15) // 16) or meta.dtype != torch.int32:
-        raise ValueError(f"meta must be int32 [{n}, {(k // 2 + 15) // 16}], got {meta.dtype} {tuple(meta.shape)}")
+    if meta.shape != (n, meta_words(k)) or meta.dtype != torch.int32:
+        raise ValueError(f"meta must be int32 [{n}, {meta_words(k)}], got {meta.dtype} {tuple(meta.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16) or values.dtype != x.dtype:
         raise ValueError(f"x and values must share dtype float16 or bfloat16, got {x.dtype} / {values.dtype}")
     devs = {x.device, values.device, meta.device}
@@ -295,7 +298,7 @@ def _launch(x, values, meta, bias, out, cfg: dict) -> torch.Tensor:
         x.stride(0), values.stride(0), meta.stride(0),
         target.stride(0) if split > 1 else 0, target.stride(-2),
         HAS_BIAS=has_bias and split == 1, SPLIT_K=split, USE_DOT=cfg["USE_DOT"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"], DOT_FP32=_INTERPRET,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"], DOT_FP32=_INTERPRETED,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if split > 1:
@@ -329,22 +332,16 @@ def sparse24_linear(
             and the checks cost host time per decode step).
 
     Returns:
-        ``[M, N]`` in ``x.dtype`` (``out`` when given). For ``M > MAX_KERNEL_M`` the weight is unpacked and
-        ``torch.nn.functional.linear`` is used.
+        ``[M, N]`` in ``x.dtype`` (``out`` when given).
+
+    Raises:
+        ValueError: (with ``check``) on shapes, dtypes, devices or strides the kernel does not take.
     """
     if check:
         _check(x, values, meta, bias, out)
     m, k = x.shape
     if m == 0:
         return out if out is not None else x.new_empty((0, values.shape[0]))
-    if m > MAX_KERNEL_M:
-        from llmprune.runtime.sparse24 import unpack_24
-
-        y = torch.nn.functional.linear(x, unpack_24(values, meta), bias)
-        if out is not None:
-            out.copy_(y)
-            return out
-        return y
     if config is None:
         if x.is_cuda and _autotune_enabled():
             key = (triton.next_power_of_2(m), values.shape[0], k, x.dtype, x.device.index)
@@ -358,8 +355,6 @@ def sparse24_linear_ref(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Plain-torch reference: unpack, fp32 matmul, cast to ``x.dtype``."""
-    from llmprune.runtime.sparse24 import unpack_24
-
     w = unpack_24(values, meta).float()
     y = x.float() @ w.t()
     if bias is not None:

@@ -26,7 +26,6 @@ from llmprune.api import compress, prune  # noqa: E402
 from llmprune.config import CalibConfig, PruneConfig, Recipe, RuntimeConfig, SaveConfig  # noqa: E402
 from llmprune.errors import ConfigError, LlmpruneError  # noqa: E402
 from llmprune.evaluate.perplexity import perplexity  # noqa: E402
-from llmprune.model.loading import load_pretrained as load  # noqa: E402
 from llmprune.model.loading import load_tokenizer  # noqa: E402
 from llmprune.prune.methods import CFSPConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig  # noqa: E402
 from llmprune.prune.registry import available_methods, register  # noqa: E402
@@ -36,6 +35,7 @@ from llmprune.runtime.gates.gate import AttnGate, GateConfig, load_gates, save_g
 from llmprune.runtime.gates.runtime import GateRuntime, attach_gates, detach_gates, gate_runtime  # noqa: E402
 from llmprune.runtime.gates.training import train_gates  # noqa: E402
 from llmprune.runtime.kvcache import BitmapKVCache  # noqa: E402
+from llmprune.runtime.load import load_model as load  # noqa: E402
 from llmprune.runtime.sparse24 import Sparse24Linear, pack_24, unpack_24  # noqa: E402
 from llmprune.sparsity import SparsityPattern  # noqa: E402
 

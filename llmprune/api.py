@@ -6,7 +6,6 @@ The CLI and the eval scripts are thin wrappers over these.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,19 +14,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmprune._version import __version__
 from llmprune.calibration.capture import capture_layer_inputs
-from llmprune.calibration.data import load_calibration
-from llmprune.config import CalibConfig, PruneConfig, Recipe
+from llmprune.calibration.data import clip_seqlen, load_calibration
+from llmprune.config import PruneConfig, Recipe
 from llmprune.engine.layerwise import prune_layerwise
+from llmprune.engine.streaming import StreamOptions, compress_streaming, use_streaming
 from llmprune.errors import ConfigError
 from llmprune.formats.checkpoint import check_output, get_format, save_checkpoint
+from llmprune.formats.metadata import build_metadata
 from llmprune.model.access import DEFAULT_IGNORE, matches_any
 from llmprune.model.device import resolve_device
-from llmprune.model.loading import load_pretrained, load_tokenizer, resolve_model
+from llmprune.model.loading import DEFAULT_MODEL, load_pretrained, load_tokenizer, resolve_model
 from llmprune.model.structured import is_nonuniform
 from llmprune.prune.registry import method_for_config
-from llmprune.prune.report import PruneReport
+from llmprune.prune.report import CompressResult, PruneReport
+
+__all__ = ["CompressResult", "PruneContext", "compress", "prune"]
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +103,6 @@ def prune(
     return report
 
 
-@dataclass
-class CompressResult:
-    output: Path
-    report: PruneReport
-    metadata: dict
-
-
 def compress(
     model_ref: str | None,
     recipe: Recipe,
@@ -149,14 +144,13 @@ def compress(
     """
     if not recipe.stages:
         raise ConfigError("the recipe has no prune stages")
-    output = check_output(output, overwrite)
+    resolved = resolve_model(model_ref)
+    # Never write over (or around) what the run reads: the model directory and a local calibration file.
+    output = check_output(output, overwrite, inputs=[resolved, recipe.calibration.source])
     fmt = get_format(recipe.save.format)
     if fmt.check is not None:
         fmt.check(recipe)
     dev = resolve_device(device)
-    resolved = resolve_model(model_ref)
-    from llmprune.engine.streaming import StreamOptions, compress_streaming, use_streaming
-
     stream_dir = use_streaming(resolved, recipe, low_memory=low_memory, resume=resume)
     if stream_dir is not None:
         opts = StreamOptions(resume=resume, max_memory=max_memory, offload_dir=offload_dir, dist_reduce=dist_reduce)
@@ -167,32 +161,19 @@ def compress(
     calib = None
     calib_cfg = recipe.calibration
     if any(method_for_config(s).needs_calibration for s in recipe.stages):
-        max_ctx = getattr(model.config, "max_position_embeddings", None) or calib_cfg.seqlen
-        if calib_cfg.seqlen > max_ctx:
-            log.warning("seqlen %d exceeds the model context %d; using %d", calib_cfg.seqlen, max_ctx, max_ctx)
-            calib_cfg = CalibConfig(**{**calib_cfg.to_dict(), "seqlen": max_ctx})
+        calib_cfg = clip_seqlen(calib_cfg, model.config)
         t_cal = time.perf_counter()
         calib = load_calibration(calib_cfg, tokenizer, model)
         log.info("calibration data: %s in %.1fs", tuple(calib.shape), time.perf_counter() - t_cal)
     report = prune(model, recipe.stages, calib, device=dev, batch_size=calib_cfg.batch_size, progress=progress)
-    metadata = {
-        "llmprune_version": __version__,
-        "base_model": str(model_ref) if model_ref else "smollm2-135m",
-        "recipe": recipe.to_dict(),
-        "calibration": calib_cfg.to_dict() if calib is not None else None,
-        "sparsity": {
-            "overall": round(report.overall_sparsity, 6),
-            "modules": {m.name: round(m.sparsity, 6) for m in report.modules},
-        },
-        "prune_seconds": round(report.seconds, 2),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "command": command or " ".join(sys.argv),
-    }
     model.config.use_cache = True
     save_format = recipe.save.format
     if save_format == "dense" and is_nonuniform(model):  # per-layer sizes (cfsp): plain "dense" cannot describe them
-        save_format = metadata["format"] = "structured"
-    path = save_checkpoint(
-        model, tokenizer, output, metadata=metadata, format=save_format, overwrite=overwrite
+        save_format = "structured"
+    metadata = build_metadata(
+        base_model=model_ref or DEFAULT_MODEL, recipe=recipe, calibration=calib_cfg if calib is not None else None,
+        report=report, dtype=next(model.parameters()).dtype, command=command,
+        format=save_format if save_format != recipe.save.format else None,  # recorded when it differs
     )
+    path = save_checkpoint(model, tokenizer, output, metadata=metadata, format=save_format, overwrite=overwrite)
     return CompressResult(path, report, metadata)

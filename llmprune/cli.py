@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from llmprune._version import __version__
 from llmprune.commands import bench as _bench
 from llmprune.commands import compress as _compress
 from llmprune.commands import convert as _convert
@@ -35,8 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmprune._version import __version__
-
+    """The ``llmprune`` parser with one subparser per module in :data:`COMMANDS`."""
     parser = _Parser(prog="llmprune", description="Post-training compression for LLMs.")
     parser.add_argument("--version", action="version", version=f"llmprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -63,6 +63,7 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -7,6 +7,8 @@ Every config validates itself in ``__post_init__`` and raises
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -122,35 +124,125 @@ class SaveConfig:
         return dataclasses.asdict(self)
 
 
+def _runtime_field(flag: str, help: str, kind: type = float, metavar: str = "FRACTION") -> Any:
+    """A :class:`RuntimeConfig` field (default None) with its command-line flag and help in the metadata."""
+    return field(default=None, metadata={"flag": flag, "help": help, "type": kind, "metavar": metavar})
+
+
+def _check_fraction(flag: str, source: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ConfigError(f"{flag} must be in [0, 1), got {value!r} (runtime.{source})")
+    return float(value)
+
+
 @dataclass
 class RuntimeConfig:
-    """Inference-time options a checkpoint is meant to be run with.
+    """Inference-time options a checkpoint is meant to be run with: one object for every entry point.
 
-    Recorded in the checkpoint metadata and model card.
+    Built the same way from a recipe's ``runtime`` section, from a checkpoint's ``llmprune.json``
+    (``recipe.runtime``) and from the command-line flags (each field's metadata names its flag and help;
+    see :mod:`llmprune.runtime.options`). Recorded in the checkpoint metadata and model card. Errors name the
+    flag and the field, e.g. ``--k-sparsity must be in [0, 1), got 1.5 (runtime.kv_sparsity)``.
 
     Attributes:
-        kv_sparsity: fraction of K/V entries pruned per token (bitmap KV cache), or None.
-        attn_sparsity: fraction of KV blocks skipped by learned gates, or None.
+        kv_sparsity: fraction of every cached K and V vector pruned per token (bitmap KV cache), or None.
+        attn_sparsity: fraction of KV blocks skipped by learned attention gates, or None.
         kv_k_sparsity, kv_v_sparsity: separate K / V sparsity (override ``kv_sparsity``), or None.
-        kv_window: recent tokens the bitmap KV cache keeps dense (default 32), or None.
+        kv_window: recent tokens the bitmap KV cache keeps dense (default :data:`DEFAULT_KV_WINDOW`), or None.
+        gates: directory of attention gates saved by ``llmprune train-gates`` to attach, or None.
     """
 
-    kv_sparsity: float | None = None
-    attn_sparsity: float | None = None
-    kv_k_sparsity: float | None = None
-    kv_v_sparsity: float | None = None
-    kv_window: int | None = None
+    #: Fields of the bitmap KV cache and of the attention gates; a source that sets any field of a group
+    #: replaces that whole group of the source below it (see :meth:`override`). Every field is in one group.
+    KV_FIELDS: ClassVar[tuple[str, ...]] = ("kv_sparsity", "kv_k_sparsity", "kv_v_sparsity", "kv_window")
+    ATTN_FIELDS: ClassVar[tuple[str, ...]] = ("attn_sparsity", "gates")
+    GROUPS: ClassVar[tuple[tuple[str, ...], ...]] = (KV_FIELDS, ATTN_FIELDS)
+
+    kv_sparsity: float | None = _runtime_field(
+        "--kv-sparsity", "prune this fraction of every cached K and V vector per token (bitmap KV cache), e.g. 0.7")
+    attn_sparsity: float | None = _runtime_field(
+        "--attn-sparsity", "learned attention gates: fraction of KV blocks skipped")
+    kv_k_sparsity: float | None = _runtime_field("--k-sparsity", "key sparsity (overrides --kv-sparsity for K)")
+    kv_v_sparsity: float | None = _runtime_field("--v-sparsity", "value sparsity (overrides --kv-sparsity for V)")
+    kv_window: int | None = _runtime_field(
+        "--kv-window", f"with the bitmap KV cache: recent tokens kept dense (default {DEFAULT_KV_WINDOW})", int, "TOKENS")
+    gates: str | None = _runtime_field(
+        "--gates", "attach the attention gates saved by llmprune train-gates in DIR", str, "DIR")
 
     def __post_init__(self) -> None:
-        if self.kv_sparsity is not None:
-            check_float("runtime.kv_sparsity", self.kv_sparsity, 0.0, 0.99)
-        if self.attn_sparsity is not None:
-            check_float("runtime.attn_sparsity", self.attn_sparsity, 0.0, 0.99)
-        for name in ("kv_k_sparsity", "kv_v_sparsity"):
+        flag = {f.name: f.metadata["flag"] for f in dataclasses.fields(self)}
+        for name in ("kv_k_sparsity", "kv_v_sparsity"):  # the values the cache gets, named by their own flags
+            source = name if getattr(self, name) is not None else "kv_sparsity"
+            if getattr(self, source) is not None:
+                _check_fraction(flag[name], source, getattr(self, source))
+        for name in ("kv_sparsity", "attn_sparsity"):
             if getattr(self, name) is not None:
-                check_float(f"runtime.{name}", getattr(self, name), 0.0, 0.99)
+                _check_fraction(flag[name], name, getattr(self, name))
         if self.kv_window is not None:
-            check_int("runtime.kv_window", self.kv_window)
+            w = self.kv_window
+            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+                raise ConfigError(f"--kv-window must be an integer >= 1, got {w!r} (runtime.kv_window)")
+            if not self.kv_enabled:
+                raise ConfigError("--kv-window needs --kv-sparsity (or --k-sparsity/--v-sparsity) (runtime.kv_window)")
+        if self.gates is not None:
+            if not isinstance(self.gates, (str, os.PathLike)) or not str(self.gates):
+                raise ConfigError(f"--gates must be a directory, got {self.gates!r} (runtime.gates)")
+            self.gates = str(self.gates)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "runtime") -> RuntimeConfig:
+        """A config from a recipe-style mapping (a checkpoint's ``recipe.runtime``), rejecting unknown keys.
+
+        Raises:
+            ConfigError: naming ``where`` and the bad key or value.
+        """
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                raise ConfigError(f"{where}.{key}: unknown key (expected one of: {', '.join(names)})")
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    @property
+    def kv_enabled(self) -> bool:
+        """True when the bitmap KV cache is on (a K or V sparsity is set)."""
+        return any(getattr(self, n) is not None for n in ("kv_sparsity", "kv_k_sparsity", "kv_v_sparsity"))
+
+    @property
+    def attn_enabled(self) -> bool:
+        """True when attention gates are requested (a sparsity or a gates directory)."""
+        return self.attn_sparsity is not None or self.gates is not None
+
+    def kv_cache_settings(self) -> dict[str, Any] | None:
+        """Resolved ``{"k_sparsity", "v_sparsity", "window"}`` for the bitmap KV cache, or None (dense cache).
+
+        K and V fall back to ``kv_sparsity``, then to 0 when only the other one is set; the window to
+        :data:`DEFAULT_KV_WINDOW`.
+        """
+        if not self.kv_enabled:
+            return None
+        k = self.kv_k_sparsity if self.kv_k_sparsity is not None else self.kv_sparsity
+        v = self.kv_v_sparsity if self.kv_v_sparsity is not None else self.kv_sparsity
+        window = self.kv_window if self.kv_window is not None else DEFAULT_KV_WINDOW
+        return {"k_sparsity": float(k or 0.0), "v_sparsity": float(v or 0.0), "window": window}
+
+    def override(self, other: RuntimeConfig) -> RuntimeConfig:
+        """``self`` with ``other`` on top, group by group: a group ``other`` sets any field of is taken from it.
+
+        So ``--kv-sparsity 0.3`` replaces a checkpoint's ``kv_k_sparsity``/``kv_window`` too (it does not mix
+        with them), while leaving the checkpoint's attention-gate settings in place.
+        """
+        values = dataclasses.asdict(self)
+        for group in self.GROUPS:
+            if any(getattr(other, n) is not None for n in group):
+                values.update({n: getattr(other, n) for n in group})
+        return RuntimeConfig(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

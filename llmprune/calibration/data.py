@@ -145,6 +145,21 @@ def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, b
     return torch.cat(out)
 
 
+def clip_seqlen(cfg: CalibConfig, model_config) -> CalibConfig:
+    """``cfg`` with ``seqlen`` at most the model's context (``max_position_embeddings``); logged when clipped.
+
+    Args:
+        cfg: the recipe's calibration config.
+        model_config: the model's ``transformers`` config (a config without ``max_position_embeddings``
+            leaves ``seqlen`` as it is).
+    """
+    max_ctx = getattr(model_config, "max_position_embeddings", None) or cfg.seqlen
+    if cfg.seqlen <= max_ctx:
+        return cfg
+    log.warning("seqlen %d exceeds the model context %d; using %d", cfg.seqlen, max_ctx, max_ctx)
+    return CalibConfig(**{**cfg.to_dict(), "seqlen": max_ctx})
+
+
 def load_calibration(cfg: CalibConfig, tokenizer, model=None) -> torch.Tensor:
     """Calibration token ids for ``cfg``.
 

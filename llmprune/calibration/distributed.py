@@ -19,12 +19,14 @@ Backend: ``nccl`` when the layers run on CUDA (each rank on ``cuda:$LOCAL_RANK``
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from llmprune.calibration.stats import Accumulators
 from llmprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -118,11 +120,11 @@ def broadcast_tensor(t: torch.Tensor | None, ctx: DistContext, device: torch.dev
     return buf
 
 
-def _acc_items(stats: dict) -> list[tuple[str, str, object]]:
+def _acc_items(stats: Accumulators) -> list[tuple[str, str, object]]:
     return [(name, s, stats[name][s]) for name in sorted(stats) for s in sorted(stats[name])]
 
 
-def allreduce_stats(stats: dict, ctx: DistContext) -> None:
+def allreduce_stats(stats: Accumulators, ctx: DistContext) -> None:
     """``sum`` reduction: all-reduce every accumulator's ``sum`` tensors and ``count`` in place.
 
     ``stats``: ``{module name: {stat name: accumulator}}`` as built by the driver.
@@ -141,14 +143,59 @@ def allreduce_stats(stats: dict, ctx: DistContext) -> None:
             acc.count = int(c)
 
 
-def make_reduce(ctx: DistContext) -> Callable[[dict], None] | None:
+def make_reduce(ctx: DistContext) -> Callable[[Accumulators], None] | None:
     """A ``reduce`` callable for :func:`llmprune.engine.layerwise.prune_layerwise` (``sum`` reduction)."""
     if not ctx.enabled:
         return None
     return lambda stats: allreduce_stats(stats, ctx)
 
 
-def exchange_round(totals: dict, pending: dict | None, batches: list[int], ctx: DistContext, device) -> None:
+@dataclass(frozen=True)
+class Reduction:
+    """How the statistics of one layer from this process's batches become the layer's statistics.
+
+    Attributes:
+        finish: called with the totals (:data:`~llmprune.calibration.stats.Accumulators`) once every batch
+            ran and before any mask is computed (the ``sum`` reduction). None: nothing.
+        exchange: when set, each batch feeds fresh accumulators and ``exchange(position, batch accumulators,
+            totals)`` adds them into the totals after the batch (the ``exact`` reduction).
+        rounds: with ``exchange``, the batch positions every process goes through; a process with fewer
+            batches runs empty ones, so every process calls ``exchange`` (and its collectives) equally often.
+    """
+
+    finish: Callable[[Accumulators], None] | None = None
+    exchange: Callable[[int, Accumulators, Accumulators], None] | None = None
+    rounds: int = 0
+
+
+def make_reduction(ctx: DistContext, mode: str, n_batches: int, device: torch.device) -> Reduction | None:
+    """The :class:`Reduction` of ``mode`` (``"exact"`` or ``"sum"``) for this rank; None for one process.
+
+    Args:
+        ctx: the process group.
+        mode: one of :data:`REDUCTIONS`.
+        n_batches: calibration batches over all ranks (rank ``r`` runs ``r, r + world, ...``,
+            :func:`owned_batches`).
+        device: where the statistics live.
+    """
+    if not ctx.enabled:
+        return None
+    if mode == "sum":
+        return Reduction(finish=lambda stats: allreduce_stats(stats, ctx))
+    if mode != "exact":
+        raise ConfigError(f"dist_reduce must be one of {', '.join(REDUCTIONS)}, got {mode!r}")
+
+    def exchange(position: int, batch_stats: Accumulators, totals: Accumulators) -> None:
+        first = position * ctx.world
+        batches = [b for b in range(first, first + ctx.world) if b < n_batches]
+        exchange_round(totals, batch_stats if ctx.rank < len(batches) else None, batches, ctx, device)
+
+    return Reduction(exchange=exchange, rounds=math.ceil(n_batches / ctx.world))
+
+
+def exchange_round(
+    totals: Accumulators, pending: Accumulators | None, batches: list[int], ctx: DistContext, device: torch.device
+) -> None:
     """``exact`` reduction of one round of batches.
 
     ``batches`` lists the global batch indices of this round (one per rank, rank ``r`` owns ``batches[r]``,

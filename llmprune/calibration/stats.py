@@ -1,18 +1,39 @@
 """Statistics accumulators over calibration activations.
 
 Methods declare the statistics they need by name (``stats=("hessian",)`` in
-:func:`llmprune.prune.registry.register`); the driver builds one accumulator per
-linear from :data:`STATS` and feeds it the linear's inputs through a hook.
+:func:`llmprune.prune.registry.register`); the engine builds one accumulator per
+linear from :data:`STATS` and feeds it the linear's inputs through a hook
+(:func:`llmprune.calibration.collect.collect`).
 Each accumulator holds a running *sum* and a token *count* (so distributed
 runs can all-reduce both) and exposes the normalised :meth:`result`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import torch
 from torch import nn
+
+
+class Accumulator(Protocol):
+    """What every statistic implements: a running ``sum`` over tokens and their ``count``."""
+
+    count: int
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the module inputs ``x`` (``[..., in]``)."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The running sums (what a distributed reduction adds up)."""
+
+    def result(self) -> torch.Tensor:
+        """The normalised statistic."""
+
+
+#: ``{module name: {statistic name: accumulator}}``: the statistics of one decoder layer's modules.
+Accumulators = Mapping[str, Mapping[str, Accumulator]]
 
 
 class ActSqNorm:
@@ -51,7 +72,7 @@ class Hessian:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         # Not a fused ``addmm_``: each batch's contribution is formed on its own and then added, so a
         # distributed run that adds the same per-batch contributions in the same order is bit-identical
-        # (see llmprune.distributed, "exact" reduction).
+        # (see llmprune.calibration.distributed, "exact" reduction).
         self.sum += x.t() @ x
         self.count += x.shape[0]
 
@@ -65,7 +86,7 @@ class Hessian:
 STATS = {"act_sq_norm": ActSqNorm, "hessian": Hessian}
 
 
-def feed_hook(accumulators: dict) -> Callable:
+def feed_hook(accumulators: Mapping[str, Accumulator]) -> Callable:
     """Forward hook that adds the module's input to every accumulator in ``accumulators`` (name -> acc)."""
 
     def hook(module, args, output):  # must return None: a value would replace the output
@@ -75,7 +96,7 @@ def feed_hook(accumulators: dict) -> Callable:
     return hook
 
 
-def make_accumulator(name: str, module: nn.Linear, device: torch.device):
+def make_accumulator(name: str, module: nn.Linear, device: torch.device) -> Accumulator:
     """Accumulator ``name`` sized for ``module``'s input features."""
     try:
         cls = STATS[name]

@@ -8,14 +8,16 @@ from pathlib import Path
 
 from llmprune.commands.common import add_model_arguments
 from llmprune.errors import ConfigError
+from llmprune.evaluate.bench import bench, format_bench
+from llmprune.evaluate.results import is_checkpoint_dir, record_results
+from llmprune.formats.checkpoint import read_metadata
+from llmprune.runtime.options import add_runtime_arguments, resolve_runtime, runtime_from_args
 
 NAME = "bench"
 HELP = "checkpoint bytes, peak memory, prefill and decode tokens/s vs the dense baseline"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from llmprune.evaluate.lm_eval import add_runtime_arguments
-
     add_model_arguments(p, positional_help="checkpoint directory, HF id or alias (default: smollm2-135m)")
     p.add_argument("--baseline", default="auto", metavar="BASE", help="dense baseline: auto (the checkpoint's base_model; none for other models), none, or a model")
     p.add_argument("--batch-size", type=int, default=8, help="the chosen batch, measured besides batch 1 (default 8)")
@@ -27,28 +29,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_arguments(p)
 
 
-def run(args: argparse.Namespace) -> int:
-    from llmprune.commands.eval import runtime_options
-    from llmprune.evaluate.bench import bench, format_bench
-    from llmprune.evaluate.lm_eval import is_checkpoint_dir, record_results
-    from llmprune.formats.checkpoint import read_metadata
+def _baseline(model: str | None, baseline: str) -> str | None:
+    """``--baseline`` -> a model reference or None (``auto``: the checkpoint's base_model, if any)."""
+    if baseline == "auto":
+        meta = read_metadata(model) if is_checkpoint_dir(model) else None
+        return (meta or {}).get("base_model")
+    return None if baseline.lower() == "none" else baseline
 
+
+def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    base = args.baseline
-    if base == "auto":
-        meta = read_metadata(args.model) if is_checkpoint_dir(args.model) else None
-        base = (meta or {}).get("base_model")
-    elif base.lower() == "none":
-        base = None
+    runtime = resolve_runtime(args.model, runtime_from_args(args))
     result = bench(
-        args.model, base, runtime=runtime_options(args), batches=[1, args.batch_size], prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens, device=args.device, dtype=args.dtype, repeats=args.repeats,
-        trust_remote_code=args.trust_remote_code,
+        args.model, _baseline(args.model, args.baseline), runtime=runtime, batches=[1, args.batch_size],
+        prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device, dtype=args.dtype,
+        repeats=args.repeats, trust_remote_code=args.trust_remote_code,
     )
     print(format_bench(result))
     if is_checkpoint_dir(args.model) and not args.no_record:
-        path = record_results(args.model, "bench", {k: v for k, v in result.items()})
+        path = record_results(args.model, "bench", dict(result))
         print(f"results recorded in {path}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -10,10 +10,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from llmprune.api import compress
 from llmprune.commands.common import add_model_arguments
 from llmprune.config import CalibConfig, Recipe, SaveConfig
 from llmprune.errors import ConfigError
 from llmprune.prune.registry import available_methods, get_method, method_for_config
+from llmprune.publish.hub import check_repo_id, push
 from llmprune.recipe import build, load_recipe
 
 NAME = "compress"
@@ -120,12 +122,8 @@ def default_output(model: str | None, recipe: Recipe) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmprune.api import compress
-
     recipe = recipe_from_args(args)
     if args.push_to_hub:
-        from llmprune.publish.hub import check_repo_id
-
         check_repo_id(args.push_to_hub)  # before any work
     output = Path(args.output) if args.output else default_output(args.model, recipe)
     result = compress(
@@ -150,7 +148,5 @@ def run(args: argparse.Namespace) -> int:
     print(result.report.table())
     print(f"saved {result.metadata.get('format', recipe.save.format)} checkpoint to {result.output} ({size / 2**20:.1f} MiB)")
     if args.push_to_hub:
-        from llmprune.publish.hub import push
-
         print(f"pushed to {push(result.output, args.push_to_hub, private=args.private)}")
     return 0

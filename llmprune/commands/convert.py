@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 from llmprune.errors import LlmpruneError
+from llmprune.formats.checkpoint import check_output, get_format, read_metadata, save_checkpoint
+from llmprune.model.loading import load_tokenizer
+from llmprune.runtime.load import load_model
+from llmprune.runtime.sparse24 import unpack_model
 
 NAME = "convert"
 HELP = "convert a checkpoint between formats (dense: loads anywhere; packed: 2:4 values + metadata)"
@@ -26,19 +30,13 @@ def convert(src: str | Path, fmt: str, output: str | Path, *, overwrite: bool = 
     Packed -> dense unpacks every :class:`~llmprune.runtime.sparse24.Sparse24Linear` into an ``nn.Linear``; dense ->
     packed packs the 2:4 linears of the decoder layers (refused when there is none).
     """
-    from llmprune.formats.checkpoint import check_output, get_format, read_metadata, save_checkpoint
-    from llmprune.model.loading import load_pretrained, load_tokenizer
-    from llmprune.runtime.sparse24 import unpack_model
-
     src = Path(src).expanduser()
     if not (src / "config.json").is_file():
         raise LlmpruneError(f"{src} is not a checkpoint directory (no config.json)")
     get_format(fmt)
-    output = check_output(output, overwrite)
-    if output.resolve() == src.resolve():
-        raise LlmpruneError("--output must differ from the source checkpoint")
+    output = check_output(output, overwrite, inputs=[src])
     meta = read_metadata(src) or {}
-    model = load_pretrained(str(src))
+    model = load_model(str(src), gates=False)  # weights only: gates files are not part of the format
     try:
         tokenizer = load_tokenizer(str(src))
     except LlmpruneError:

@@ -7,7 +7,23 @@ import json
 from pathlib import Path
 
 from llmprune.commands.common import add_model_arguments
+from llmprune.config import RuntimeConfig
 from llmprune.errors import ConfigError
+from llmprune.evaluate.lm_eval import (
+    DATA_ENV,
+    OFFLINE_TASKS,
+    evaluate,
+    format_table,
+    lm_eval_entries,
+    resolve_data_dir,
+    write_task_dir,
+)
+from llmprune.evaluate.results import is_checkpoint_dir, record_results
+from llmprune.formats.checkpoint import read_metadata
+from llmprune.model.device import resolve_device
+from llmprune.model.loading import load_tokenizer
+from llmprune.runtime.load import load_model
+from llmprune.runtime.options import add_runtime_arguments, resolve_runtime, runtime_from_args, runtime_setup
 
 NAME = "eval"
 HELP = "lm-eval harness (arc_easy, hellaswag, piqa, ...) on the model as llmprune loads it"
@@ -22,8 +38,6 @@ def _limit(text: str) -> int | float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from llmprune.evaluate.lm_eval import DATA_ENV, OFFLINE_TASKS, add_runtime_arguments
-
     add_model_arguments(p, positional_help="checkpoint directory, HF id or alias (default: smollm2-135m)")
     p.add_argument("--tasks", default=None, help=f"comma-separated lm-eval task names (offline copies: {','.join(OFFLINE_TASKS)})")
     p.add_argument("--limit", type=_limit, default=None, help="examples per task (int) or fraction (<1); default all")
@@ -51,18 +65,8 @@ def _batch_size(text: str) -> int | str:
     return value
 
 
-def runtime_options(args: argparse.Namespace) -> dict:
-    from llmprune.evaluate.lm_eval import FEATURE_SETTINGS, RUNTIME_FEATURES
-
-    keys = [*RUNTIME_FEATURES, *FEATURE_SETTINGS]
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-
-
 def baseline_ref(model: str | None, baseline: str) -> str:
     """``--baseline`` value -> a model reference (``auto``: the checkpoint's recorded base model)."""
-    from llmprune.evaluate.lm_eval import is_checkpoint_dir
-    from llmprune.formats.checkpoint import read_metadata
-
     if baseline != "auto":
         return baseline
     meta = read_metadata(model) if is_checkpoint_dir(model) else None
@@ -71,34 +75,26 @@ def baseline_ref(model: str | None, baseline: str) -> str:
     return meta["base_model"]
 
 
-def run(args: argparse.Namespace) -> int:
-    from llmprune.evaluate.lm_eval import (
-        evaluate,
-        format_table,
-        is_checkpoint_dir,
-        lm_eval_entries,
-        record_results,
-        resolve_data_dir,
-        setup_runtime,
-        write_task_dir,
-    )
-    from llmprune.model.device import resolve_device
-    from llmprune.model.loading import load_pretrained, load_tokenizer
+def write_tasks(data_dir: str | None, out_dir: str) -> int:
+    """``--write-tasks DIR``: only write the offline task YAMLs (for plain ``lm_eval --include_path DIR``)."""
+    data = resolve_data_dir(data_dir)
+    if data is None:
+        raise ConfigError("--write-tasks needs --data-dir (or $LLMPRUNE_LM_EVAL_DATA)")
+    out, written = write_task_dir(data, out_dir)
+    if not written:
+        raise ConfigError(f"no <task>.jsonl for the shipped tasks found in {data}")
+    print(f"wrote {len(written)} task YAMLs to {out}: {', '.join(written)}")
+    print(f"use: lm_eval --model hf --model_args pretrained=DIR --tasks {written[0]} --include_path {out}")
+    return 0
 
+
+def run(args: argparse.Namespace) -> int:
     if args.write_tasks:
-        data = resolve_data_dir(args.data_dir)
-        if data is None:
-            raise ConfigError("--write-tasks needs --data-dir (or $LLMPRUNE_LM_EVAL_DATA)")
-        out, written = write_task_dir(data, args.write_tasks)
-        if not written:
-            raise ConfigError(f"no <task>.jsonl for the shipped tasks found in {data}")
-        print(f"wrote {len(written)} task YAMLs to {out}: {', '.join(written)}")
-        print(f"use: lm_eval --model hf --model_args pretrained=DIR --tasks {written[0]} --include_path {out}")
-        return 0
+        return write_tasks(args.data_dir, args.write_tasks)
     if not args.tasks:
         raise ConfigError("--tasks is required (e.g. --tasks arc_easy,hellaswag,piqa)")
     batch_size = _batch_size(args.batch_size)
-    runtime = runtime_options(args)
+    runtime = resolve_runtime(args.model, runtime_from_args(args))
     device = resolve_device(args.device)
     base = baseline_ref(args.model, args.baseline) if args.baseline else None
     runs = [(args.model, False)] + ([(base, True)] if base else [])
@@ -106,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
     full = {}
     for ref, is_base in runs:
         tokenizer = load_tokenizer(ref, args.trust_remote_code)
-        model = load_pretrained(ref, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
-        setup = setup_runtime(model, runtime if not is_base else {})
+        model = load_model(ref, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code,
+                           runtime=RuntimeConfig() if is_base else runtime)
+        setup = runtime_setup(model)
         label = "baseline " + str(ref) if is_base else str(ref or "smollm2-135m")
         print(f"# {label}: {', '.join(setup.features) or 'dense'} on {device}")
         results = evaluate(

@@ -1,17 +1,24 @@
-"""``llmprune ppl``: WikiText-2 perplexity (paper protocol)."""
+"""``llmprune ppl``: WikiText-2 perplexity (paper protocol), with the runtime options active."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from llmprune.commands.common import add_model_arguments
-from llmprune.commands.generate import add_kv_arguments, kv_settings
 from llmprune.errors import ConfigError
+from llmprune.evaluate.perplexity import perplexity, perplexity_with_cache, token_stream, wikitext2_text
+from llmprune.evaluate.results import record_ppl
+from llmprune.model.device import resolve_device
+from llmprune.model.loading import load_tokenizer
+from llmprune.runtime.load import load_model
+from llmprune.runtime.options import add_runtime_arguments, resolve_runtime, runtime_from_args, runtime_setup
 
 NAME = "ppl"
 HELP = "WikiText-2 perplexity: non-overlapping windows, mean NLL over all tokens"
+log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,39 +28,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="only the first N windows (default: all)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
-    p.add_argument("--attn-sparsity", type=float, default=None, help="learned attention gates: fraction of KV blocks skipped")
-    p.add_argument("--gates", default=None, metavar="DIR", help="attach attention gates saved by train-gates in DIR")
     p.add_argument("--baseline-of", default=None, metavar="DIR", help="store this (dense) result as the baseline in checkpoint DIR's eval_results.json")
-    add_kv_arguments(p)  # --kv-sparsity/--k-sparsity/--v-sparsity/--kv-window: bitmap KV cache active
+    add_runtime_arguments(p)  # the bitmap KV cache is active through chunked decoding, gates in every forward
 
 
-def run(args: argparse.Namespace) -> int:
-    from llmprune.evaluate.perplexity import perplexity, token_stream, wikitext2_text
-    from llmprune.model.device import resolve_device
-    from llmprune.model.loading import load_pretrained, load_tokenizer
-
+def _check_args(args: argparse.Namespace) -> None:
     if args.seqlen < 2:
         raise ConfigError(f"--seqlen must be >= 2, got {args.seqlen}")
     if args.max_windows is not None and args.max_windows < 1:
         raise ConfigError(f"--max-windows must be >= 1, got {args.max_windows}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    kv = kv_settings(args)
-    if kv is not None and (args.gates or args.attn_sparsity is not None):
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    runtime = resolve_runtime(args.model, runtime_from_args(args))
+    kv = runtime.kv_cache_settings()
+    if kv is not None and runtime.attn_enabled:
         raise ConfigError("--kv-sparsity cannot be combined with attention gates")
     text = wikitext2_text(args.data_path)
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    model = load_pretrained(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code,
+                       runtime=runtime)
     ids = token_stream(tokenizer, text)
-    from llmprune.runtime.gates.runtime import gates_for_ppl
-
-    gates_rt = gates_for_ppl(model, args.gates, args.attn_sparsity)
+    gates_rt = runtime_setup(model).gates
+    if gates_rt is not None:  # measure how much true attention mass the kept blocks hold
+        gates_rt.measure_recall = gates_rt.active
+        gates_rt.reset_stats()
     if kv is None:
         res = perplexity(model, ids, args.seqlen, args.max_windows, args.batch_size, progress=not args.quiet)
     else:  # fed in chunks of the dense window = the token-by-token decode cache state (see llmprune.runtime.kvcache)
-        from llmprune.evaluate.perplexity import perplexity_with_cache
-
         res = perplexity_with_cache(model, ids, args.seqlen, args.max_windows, **kv, progress=not args.quiet)
     print(
         f"wikitext2 ppl {res.ppl:.3f}  (nll {res.nll:.4f}, {res.windows} windows x {res.seqlen} tokens, "
@@ -67,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, **res.to_dict()}, indent=2) + "\n")
     if kv is not None or gates_rt is not None:  # not the checkpoint's plain perplexity: not recorded as such
+        log.info("not recorded in eval_results.json: runtime features active (%s)",
+                 ", ".join(runtime_setup(model).features))
         return 0
-    from llmprune.evaluate.lm_eval import record_ppl
-
     stored = record_ppl(args.model, res.to_dict(), args.data_path, baseline_of=args.baseline_of)
     if stored:
         print(f"result recorded in {stored}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from llmprune.publish.hub import push
+
 NAME = "push"
 HELP = "upload a checkpoint to the Hugging Face Hub (model card generated; token from the HF login/env)"
 
@@ -17,8 +19,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmprune.publish.hub import push
-
     url = push(args.directory, args.repo, private=args.private, commit_message=args.message,
                write_card=not args.no_card)
     print(f"pushed {args.directory} to {url}")

@@ -7,8 +7,15 @@ import shlex
 import sys
 from pathlib import Path
 
+from llmprune.calibration.data import load_calibration
 from llmprune.commands.common import add_model_arguments
+from llmprune.config import CalibConfig, RuntimeConfig
 from llmprune.errors import ConfigError
+from llmprune.model.device import resolve_device
+from llmprune.model.loading import DEFAULT_MODEL, load_tokenizer
+from llmprune.runtime.gates.gate import GATES_FILE, GateConfig, save_gates
+from llmprune.runtime.gates.training import train_gates
+from llmprune.runtime.load import load_model
 
 NAME = "train-gates"
 HELP = "train learned sparse-attention gates (base model frozen) and save them beside the checkpoint"
@@ -34,17 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmprune.calibration.data import load_calibration
-    from llmprune.config import CalibConfig
-    from llmprune.model.device import resolve_device
-    from llmprune.model.loading import DEFAULT_MODEL, load_pretrained, load_tokenizer
-    from llmprune.runtime.gates.gate import GATES_FILE, GateConfig, save_gates
-    from llmprune.runtime.gates.training import train_gates
-
     if args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
-    if not 0.0 <= args.attn_sparsity <= 0.99:
-        raise ConfigError(f"--attn-sparsity must be in [0, 0.99], got {args.attn_sparsity}")
+    RuntimeConfig(attn_sparsity=args.attn_sparsity)  # validated as at run time: the default the gates load with
     if args.gate_dim < 2 or args.gate_dim % 2:
         raise ConfigError(f"--gate-dim must be an even number >= 2, got {args.gate_dim}")
     ref = args.model or DEFAULT_MODEL
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{output / GATES_FILE} already exists (pass --overwrite to replace it)")
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(ref, args.trust_remote_code)
-    model = load_pretrained(ref, dtype=args.dtype, trust_remote_code=args.trust_remote_code, gates=False)
+    model = load_model(ref, dtype=args.dtype, trust_remote_code=args.trust_remote_code, gates=False)
     cfg = GateConfig.for_model(model, block_size=args.block_size, gate_dim=args.gate_dim)
     max_ctx = getattr(model.config, "max_position_embeddings", None) or args.seqlen
     calib_cfg = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=min(args.seqlen, max_ctx), seed=args.seed)

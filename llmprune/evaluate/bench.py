@@ -28,7 +28,12 @@ from pathlib import Path
 
 import torch
 
+from llmprune.config import RuntimeConfig
 from llmprune.errors import ConfigError
+from llmprune.model.device import resolve_device
+from llmprune.model.loading import resolve_model
+from llmprune.runtime.load import load_model
+from llmprune.runtime.options import runtime_setup
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 @dataclass
 class BenchRow:
+    """One measured (model, batch) pair; ``runtime`` holds the runtime options it ran with."""
+
     label: str
     model: str
     features: list[str]
@@ -158,20 +165,18 @@ def time_generation(model, batch: int, prompt_len: int, new_tokens: int, *, past
     return statistics.median(pre), statistics.median(dec)
 
 
-def bench_model(ref: str | None, *, label: str, runtime: dict | None, batches: list[int], prompt_len: int,
-                new_tokens: int, device: torch.device, dtype: str, repeats: int,
+def bench_model(ref: str | None, *, label: str, runtime: RuntimeConfig | None, batches: list[int],
+                prompt_len: int, new_tokens: int, device: torch.device, dtype: str, repeats: int,
                 trust_remote_code: bool = False) -> list[BenchRow]:
-    from llmprune.evaluate.lm_eval import setup_runtime
-    from llmprune.model.loading import load_pretrained, resolve_model
-
+    """Load ``ref`` with ``runtime`` options (:func:`llmprune.runtime.load.load_model`) and time every batch size."""
     resolved = resolve_model(ref)
     rows = []
     # One tracker from before the load: safetensors are memory-mapped, so on CPU the weights become resident
     # during the first forward, not during the load. Batches run in increasing order, so the running peak at
     # the end of a batch is that batch's peak (weights + activations + cache).
     with PeakMemory(device) as mem:
-        model = load_pretrained(resolved, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        setup = setup_runtime(model, runtime)
+        model = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code, runtime=runtime)
+        setup = runtime_setup(model)
         max_ctx = getattr(model.config, "max_position_embeddings", None)
         if max_ctx and prompt_len + new_tokens > max_ctx:
             raise ConfigError(f"--prompt-len + --new-tokens exceeds the model context ({max_ctx})")
@@ -191,7 +196,7 @@ def bench_model(ref: str | None, *, label: str, runtime: dict | None, batches: l
     return rows
 
 
-def bench(model_ref: str | None, baseline_ref: str | None = None, *, runtime: dict | None = None,
+def bench(model_ref: str | None, baseline_ref: str | None = None, *, runtime: RuntimeConfig | None = None,
           batches: list[int] | None = None, prompt_len: int = 128, new_tokens: int = 32, device=None,
           dtype: str = "auto", repeats: int = 3, trust_remote_code: bool = False) -> dict:
     """Benchmark ``model_ref`` (with ``runtime`` options) and ``baseline_ref`` (dense, no options).
@@ -199,8 +204,6 @@ def bench(model_ref: str | None, baseline_ref: str | None = None, *, runtime: di
     Returns:
         ``{"device", "cpu", "torch", "prompt_len", "new_tokens", "repeats", "rows": [BenchRow dicts]}``.
     """
-    from llmprune.model.device import resolve_device
-
     dev = resolve_device(device)
     batches = sorted(set(batches or [1]))
     if any(b < 1 for b in batches) or prompt_len < 1 or new_tokens < 0 or repeats < 1:
@@ -224,6 +227,7 @@ def bench(model_ref: str | None, baseline_ref: str | None = None, *, runtime: di
 
 
 def format_bench(result: dict) -> str:
+    """The :func:`bench` result as a text table, with model/baseline ratios per batch."""
     lines = []
     if result.get("cpu"):
         lines.append(f"device: {result['device']} - CPU run: torch reference paths, no Triton kernels "

@@ -1,44 +1,33 @@
-"""lm-eval harness on the model as llmprune loads it, offline task copies, results stored with checkpoints.
+"""lm-eval harness on the model as llmprune loads it, and the offline copies of its standard tasks.
 
 * :func:`evaluate` runs ``lm_eval.simple_evaluate`` through lm-eval's Python API on an **already-loaded**
-  model (``HFLM(pretrained=model, tokenizer=tok)``), so packed 2:4 linears and runtime features are what
-  gets scored, not a re-load by lm-eval.
-* Offline tasks: ``llmprune/tasks/*.yaml`` are templates of lm-eval's ``arc_easy``, ``arc_challenge``,
+  model (``HFLM(pretrained=model, tokenizer=tok)``), so packed 2:4 linears and runtime features
+  (:mod:`llmprune.runtime.options`) are what gets scored, not a re-load by lm-eval.
+* Offline tasks: ``llmprune/evaluate/tasks/*.yaml`` are templates of lm-eval's ``arc_easy``, ``arc_challenge``,
   ``boolq``, ``piqa``, ``copa``, ``winogrande``, ``hellaswag`` and ``lambada_openai`` (same names, prompts and
   metrics) reading local jsonl files. :func:`write_task_dir` writes the effective YAMLs (data paths filled
   in) into a directory used as lm-eval ``include_path``; include paths take precedence over lm-eval's
   built-in tasks of the same name. Without a data directory the built-in (Hub) tasks are used.
-* Runtime features (``--kv-sparsity``, ``--attn-sparsity``, ...) plug in through :data:`RUNTIME_FEATURES`:
-  one :class:`RuntimeFeature` per option, whose ``setup(model, value, options)`` configures the model and may
-  return a ``past_key_values`` factory. Wired: ``kv_sparsity`` -> :class:`llmprune.runtime.kvcache.BitmapKVCache`
-  (decode cache; lm-eval's loglikelihood requests are single forwards without a cache, so it does not change
-  their scores), ``attn_sparsity`` -> :func:`llmprune.runtime.gates.runtime.attach_gates` (active in every forward).
-  A feature whose module is not in this build is an error, never a silent no-op.
-* :func:`record_results` merges results into ``eval_results.json`` in a checkpoint directory (by key), which
-  the model card (:mod:`llmprune.publish.modelcard`) reads.
+* :func:`lm_eval_entries` turns lm-eval's results into ``eval_results.json`` entries
+  (:mod:`llmprune.evaluate.results`).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import importlib
-import importlib.util
-import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from llmprune.errors import ConfigError, LlmpruneError
+from llmprune.evaluate.results import jsonable, result_key, utc_now
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "eval_results.json"
 DATA_ENV = "LLMPRUNE_LM_EVAL_DATA"
 TASKS_DIR = Path(__file__).parent / "tasks"
 OFFLINE_TASKS = (
@@ -62,154 +51,6 @@ MAIN_METRIC = {
     "winogrande": "acc",
     "lambada_openai": "acc",
 }
-
-
-# --------------------------------------------------------------------------- runtime features
-
-
-@dataclass
-class RuntimeSetup:
-    """What the enabled runtime features did to a model.
-
-    Attributes:
-        features: human-readable labels, e.g. ``["2:4 packed (210 linears)", "kv bitmap 0.5"]``.
-        past_key_values: ``factory(batch_size) -> Cache`` for generation/decoding, or None (HF default).
-        options: the option values that were applied (recorded with results).
-    """
-
-    features: list[str] = field(default_factory=list)
-    past_key_values: Callable[[int], Any] | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RuntimeFeature:
-    """One runtime option.
-
-    ``module`` is the llmprune module implementing it; ``setup(model, value)`` is called with the imported
-    module available, configures ``model`` in place and returns ``None`` or a ``past_key_values`` factory.
-    """
-
-    option: str  # key in the options dict / RuntimeConfig field, e.g. "kv_sparsity"
-    flag: str  # command-line flag, e.g. "--kv-sparsity"
-    module: str  # e.g. "llmprune.runtime.kvcache"
-    issue: str  # where it is built (for the error message)
-    setup: Callable[[Any, Any, dict], Callable[[int], Any] | None]
-    label: Callable[[Any], str]
-
-
-def _setup_kv(model, value, options):
-    """Issue 4: a pruned bitmap KV cache (K and V at ``value``, recent ``kv_window`` tokens dense) for decoding."""
-    from llmprune.runtime.kvcache import BitmapKVCache
-
-    window = int(options.get("kv_window") or 32)
-    BitmapKVCache(model.config, value, value, window=window)  # validate now, not at the first decode
-
-    def factory(batch_size: int):
-        return BitmapKVCache(model.config, value, value, window=window)
-
-    return factory
-
-
-def _setup_attn(model, value, options):
-    """Issue 5: learned attention gates (attached from ``--gates DIR``, or already loaded with the model)."""
-    from llmprune.runtime.gates.runtime import attach_gates, gate_runtime
-
-    if options.get("gates"):
-        attach_gates(model, Path(options["gates"]).expanduser(), attn_sparsity=value)
-        return None
-    rt = gate_runtime(model)
-    if rt is None:
-        raise ConfigError("--attn-sparsity needs attention gates: pass --gates DIR (from llmprune train-gates) "
-                          "or load a directory that holds them")
-    rt.sparsity, rt.threshold, rt.budget = value, None, None
-    return None
-
-
-RUNTIME_FEATURES: dict[str, RuntimeFeature] = {
-    "kv_sparsity": RuntimeFeature(
-        "kv_sparsity", "--kv-sparsity", "llmprune.runtime.kvcache", "issue 4 (bitmap KV cache)", _setup_kv,
-        lambda v: f"KV bitmap cache, {float(v):.0%} of K/V pruned",
-    ),
-    "attn_sparsity": RuntimeFeature(
-        "attn_sparsity", "--attn-sparsity", "llmprune.runtime.gates.gate", "issue 5 (learned attention gates)", _setup_attn,
-        lambda v: f"attention gates, {float(v):.0%} of KV blocks skipped",
-    ),
-}
-
-
-# Settings read by a feature's setup (not features themselves): option -> (flag, help).
-FEATURE_SETTINGS = {
-    "gates": ("--gates", "attention gates directory (llmprune train-gates) for --attn-sparsity"),
-    "kv_window": ("--kv-window", "with --kv-sparsity: recent tokens kept dense (default 32)"),
-}
-
-
-def feature_available(option: str) -> bool:
-    feat = RUNTIME_FEATURES[option]
-    try:
-        return importlib.util.find_spec(feat.module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def add_runtime_arguments(parser) -> None:
-    """``--kv-sparsity`` / ``--attn-sparsity`` (shared by eval and bench)."""
-    for feat in RUNTIME_FEATURES.values():
-        state = "" if feature_available(feat.option) else " [not in this build]"
-        parser.add_argument(
-            feat.flag, dest=feat.option, type=float, default=None,
-            help=f"{feat.label(0.5).replace('50%', 'FRACTION')} (via {feat.module}){state}",
-        )
-    parser.add_argument("--gates", dest="gates", default=None, metavar="DIR", help=FEATURE_SETTINGS["gates"][1])
-    parser.add_argument("--kv-window", dest="kv_window", type=int, default=None, help=FEATURE_SETTINGS["kv_window"][1])
-
-
-def model_features(model) -> list[str]:
-    """Load-time features visible in the model itself (packed 2:4 linears, ...)."""
-    out = []
-    try:
-        from llmprune.runtime.sparse24 import Sparse24Linear
-    except ImportError:  # pragma: no cover - issue 3 not in this build
-        Sparse24Linear = None
-    if Sparse24Linear is not None:
-        n = sum(isinstance(m, Sparse24Linear) for m in model.modules())
-        if n:
-            out.append(f"2:4 packed ({n} linears)")
-    return out
-
-
-def setup_runtime(model, options: dict[str, Any] | None) -> RuntimeSetup:
-    """Apply the requested runtime options to ``model``; error clearly for unavailable ones."""
-    setup = RuntimeSetup(features=model_features(model))
-    factory = None
-    for key, value in (options or {}).items():
-        if value is None or key in FEATURE_SETTINGS:
-            continue
-        if key not in RUNTIME_FEATURES:
-            raise ConfigError(f"unknown runtime option {key!r} (known: {', '.join(RUNTIME_FEATURES)})")
-        feat = RUNTIME_FEATURES[key]
-        if not 0.0 <= float(value) < 1.0:
-            raise ConfigError(f"{feat.flag} must be in [0, 1), got {value}")
-        if not feature_available(key):
-            raise ConfigError(
-                f"{feat.flag} needs {feat.module} ({feat.issue}), which is not part of this llmprune build"
-            )
-        made = feat.setup(model, value, options)
-        if made is not None:
-            if factory is not None:
-                raise ConfigError("two runtime features both provide a KV cache; enable one of them")
-            factory = made
-        setup.features.append(feat.label(value))
-        setup.options[key] = value
-    for key, (flag, _) in FEATURE_SETTINGS.items():
-        if (options or {}).get(key) is not None:
-            owner = {"gates": "attn_sparsity", "kv_window": "kv_sparsity"}[key]
-            if options.get(owner) is None:
-                raise ConfigError(f"{flag} needs {RUNTIME_FEATURES[owner].flag}")
-            setup.options[key] = options[key]
-    setup.past_key_values = factory
-    return setup
 
 
 # --------------------------------------------------------------------------- offline tasks
@@ -259,6 +100,11 @@ def write_task_dir(data_dir: str | os.PathLike, out_dir: str | os.PathLike | Non
 
 
 def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """Task names from ``"a,b"`` or a list; at least one.
+
+    Raises:
+        ConfigError: when no name is given.
+    """
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t and t.strip()]
     if not names:
         raise ConfigError("--tasks: give at least one task name")
@@ -346,7 +192,7 @@ def evaluate(
             tmp.cleanup()
     if results is None:  # non-zero ranks in distributed runs
         return {}
-    results = _jsonable(dict(results))
+    results = jsonable(dict(results))
     results["llmprune"] = {
         "data_dir": str(resolved_data) if resolved_data else None,
         "offline_tasks": [n for n in names if n in offline],
@@ -363,18 +209,6 @@ def _task_manager(cls, includes: list[str], names: list[str]):
         if all(n in manager.all_tasks for n in names):
             return manager
     return cls(include_path=includes or None)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
-        return obj.item()
-    return str(obj)
 
 
 def metrics_by_task(results: dict) -> dict[str, dict[str, float]]:
@@ -410,7 +244,7 @@ def lm_eval_entries(results: dict, *, model: str, runtime: dict | None = None) -
     """Per-task entries for ``eval_results.json`` (keyed by task name, runtime options appended)."""
     n_samples = results.get("n-samples", {})
     cfg = results.get("config", {})
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    date = utc_now()
     out = {}
     for task, metrics in metrics_by_task(results).items():
         ns = n_samples.get(task, {})
@@ -431,74 +265,8 @@ def lm_eval_entries(results: dict, *, model: str, runtime: dict | None = None) -
     return out
 
 
-def result_key(name: str, runtime: dict | None = None) -> str:
-    opts = ",".join(f"{k}={v}" for k, v in sorted((runtime or {}).items()) if v is not None)
-    return f"{name}[{opts}]" if opts else name
-
-
 def _lm_eval_version() -> str | None:
     try:
-        from importlib.metadata import version
-
-        return version("lm_eval")
-    except Exception:  # pragma: no cover
+        return metadata.version("lm_eval")
+    except metadata.PackageNotFoundError:  # pragma: no cover - a declared dependency
         return None
-
-
-# --------------------------------------------------------------------------- results with the checkpoint
-
-
-def is_checkpoint_dir(model_ref: str | os.PathLike | None) -> bool:
-    """True for a directory written by llmprune (``config.json`` and ``llmprune.json``): results go there."""
-    if model_ref is None or not Path(model_ref).is_dir():
-        return False
-    return (Path(model_ref) / "config.json").is_file() and (Path(model_ref) / "llmprune.json").is_file()
-
-
-def read_results(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / RESULTS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LlmpruneError(f"{path} is not valid JSON: {exc}") from None
-
-
-def record_results(directory: str | os.PathLike, section: str, entries: dict[str, Any],
-                   *, baseline: bool = False) -> Path:
-    """Merge ``entries`` into ``eval_results.json[section]`` (or ``[baseline][section]``) by key.
-
-    Sections used by llmprune: ``lm_eval`` (key: task), ``ppl`` (key: dataset and protocol), ``bench``.
-    The file is rewritten atomically.
-    """
-    path = Path(directory) / RESULTS_FILE
-    data = read_results(directory)
-    target = data.setdefault("baseline", {}) if baseline else data
-    target.setdefault(section, {}).update(_jsonable(entries))
-    tmp = path.with_name(f".{RESULTS_FILE}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def ppl_entry(res: dict, *, model: str, data_path: str | None) -> dict[str, dict]:
-    """``eval_results.json`` ``ppl`` entry for a :func:`llmprune.perplexity` result dict."""
-    key = f"wikitext2[seqlen={res.get('seqlen')},windows={res.get('windows')}]"
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {key: {"dataset": "wikitext2", **res, "data_path": data_path, "model": model, "date": date}}
-
-
-def record_ppl(model_ref: str | None, res: dict, data_path: str | None, *, baseline_of: str | None = None) -> Path | None:
-    """Store a ``llmprune ppl`` result with the checkpoint when ``model_ref`` is a checkpoint directory.
-
-    With ``baseline_of=DIR`` the result is stored as the dense baseline of checkpoint ``DIR`` instead.
-    """
-    entry = ppl_entry(res, model=str(model_ref or "smollm2-135m"), data_path=data_path)
-    if baseline_of is not None:
-        if not is_checkpoint_dir(baseline_of):
-            raise ConfigError(f"--baseline-of {baseline_of} is not a checkpoint directory")
-        return record_results(baseline_of, "ppl", entry, baseline=True)
-    if not is_checkpoint_dir(model_ref):
-        return None
-    return record_results(model_ref, "ppl", entry)

@@ -12,10 +12,12 @@ of the split, as in ``../shared/data/wikitext2/wiki.test.raw.txt``); otherwise
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from llmprune.config import DEFAULT_KV_WINDOW
 from llmprune.errors import LlmpruneError
 from llmprune.runtime.kvcache import BitmapKVCache
 
@@ -31,6 +34,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PerplexityResult:
+    """Perplexity over ``windows`` windows of ``seqlen`` tokens (``tokens`` predicted tokens in all)."""
+
     ppl: float
     nll: float
     tokens: int
@@ -39,7 +44,18 @@ class PerplexityResult:
     seconds: float
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("ppl", "nll", "tokens", "windows", "seqlen", "seconds")}
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CachePerplexityResult(PerplexityResult):
+    """:class:`PerplexityResult` of :func:`perplexity_with_cache`, plus the cache settings and its size."""
+
+    k_sparsity: float
+    v_sparsity: float
+    kv_window: int
+    bytes_ratio: float  # stored/dense at the end of a window, at the evaluated dtype
+    bytes_ratio_16bit: float  # same, counting 2-byte values
 
 
 def wikitext2_text(data_path: str | os.PathLike | None = None) -> str:
@@ -85,6 +101,26 @@ def eval_windows(input_ids: torch.Tensor, seqlen: int, max_windows: int | None =
     return stream[: n_windows * seqlen].view(n_windows, seqlen)
 
 
+def _window_nll(logits: torch.Tensor, batch: torch.Tensor) -> float:
+    """Summed next-token NLL of ``[b, seqlen]`` windows from their ``[b, seqlen, vocab]`` logits."""
+    return float(F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+    ))
+
+
+def _score_windows(model, windows: torch.Tensor, batch_size: int, logits_of: Callable[[torch.Tensor], torch.Tensor],
+                   desc: str, unit: str, progress: bool) -> tuple[float, int, float]:
+    """``(mean NLL, predicted tokens, seconds)`` over ``windows``, ``batch_size`` windows per ``logits_of`` call."""
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    t0 = time.perf_counter()
+    for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit=unit, disable=not progress):
+        batch = windows[i : i + batch_size].to(device)
+        total_nll += _window_nll(logits_of(batch), batch)
+        total_tokens += batch.shape[0] * (windows.shape[1] - 1)
+    return total_nll / total_tokens, total_tokens, time.perf_counter() - t0
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -102,44 +138,18 @@ def perplexity(
         seqlen: window length.
         max_windows: evaluate only the first windows (None = all).
         batch_size: windows per forward pass.
+        progress: show a progress bar.
 
     Returns:
         :class:`PerplexityResult`.
     """
     windows = eval_windows(input_ids, seqlen, max_windows)
-    n_windows = windows.shape[0]
-    device = next(model.parameters()).device
-    total_nll = 0.0
-    total_tokens = 0
-    t0 = time.perf_counter()
-    for i in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", disable=not progress):
-        batch = windows[i : i + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += float(nll)
-        total_tokens += batch.shape[0] * (seqlen - 1)
-    mean = total_nll / total_tokens
-    return PerplexityResult(math.exp(mean), mean, total_tokens, n_windows, seqlen, time.perf_counter() - t0)
 
+    def logits_of(batch: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=batch, use_cache=False).logits.float()
 
-@dataclass
-class CachePerplexityResult:
-    ppl: float
-    nll: float
-    tokens: int
-    windows: int
-    seqlen: int
-    seconds: float
-    k_sparsity: float
-    v_sparsity: float
-    kv_window: int
-    bytes_ratio: float  # stored/dense at the end of a window, at the evaluated dtype
-    bytes_ratio_16bit: float  # same, counting 2-byte values
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+    mean, tokens, seconds = _score_windows(model, windows, batch_size, logits_of, "perplexity", "batch", progress)
+    return PerplexityResult(math.exp(mean), mean, tokens, windows.shape[0], seqlen, seconds)
 
 
 @torch.no_grad()
@@ -150,37 +160,44 @@ def perplexity_with_cache(
     max_windows: int | None = None,
     k_sparsity: float = 0.7,
     v_sparsity: float | None = None,
-    window: int = 32,
+    window: int = DEFAULT_KV_WINDOW,
     backend: str = "auto",
     progress: bool = True,
 ) -> CachePerplexityResult:
     """WikiText-style perplexity with the pruned bitmap cache active.
 
-    Same windows as :func:`llmprune.evaluate.perplexity.perplexity` (non-overlapping ``seqlen`` windows, mean NLL over
-    ``seqlen - 1`` predictions each), but each window is fed in chunks of exactly ``window`` tokens through a fresh
-    :class:`BitmapKVCache`. Chunk ``j`` attends to tokens ``[0, j * window)`` pruned and compressed (they were flushed
-    at the start of the update) and to itself dense and causal: every query sees exactly the cache it would see in
-    token-by-token decode, at ``seqlen / window`` forward passes instead of ``seqlen``.
+    Same windows as :func:`perplexity` (non-overlapping ``seqlen`` windows, mean NLL over ``seqlen - 1``
+    predictions each), but each window is fed in chunks of exactly ``window`` tokens through a fresh
+    :class:`BitmapKVCache`. Chunk ``j`` attends to tokens ``[0, j * window)`` pruned and compressed (they were
+    flushed at the start of the update) and to itself dense and causal: every query sees exactly the cache it
+    would see in token-by-token decode, at ``seqlen / window`` forward passes instead of ``seqlen``.
+
+    Args:
+        model: causal LM (on its device).
+        input_ids: ``[1, N]`` token stream.
+        seqlen: window length.
+        max_windows: evaluate only the first windows (None = all).
+        k_sparsity, v_sparsity: cache sparsity of K and V (``v_sparsity`` None = ``k_sparsity``).
+        window: recent tokens the cache keeps dense (also the chunk length).
+        backend: :class:`BitmapKVCache` backend.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`CachePerplexityResult` (the byte ratios are those of the last window's cache).
     """
     v_sparsity = k_sparsity if v_sparsity is None else v_sparsity
     windows = eval_windows(input_ids, seqlen, max_windows)
-    n_windows = windows.shape[0]
-    device = next(model.parameters()).device
-    total_nll, total_tokens, ratio, ratio16 = 0.0, 0, float("nan"), float("nan")
-    t0 = time.perf_counter()
-    for w in tqdm(range(n_windows), desc="perplexity (kv cache)", unit="window", disable=not progress):
-        ids = windows[w : w + 1].to(device)
+    ratios = [float("nan"), float("nan")]
+
+    def logits_of(ids: torch.Tensor) -> torch.Tensor:  # one window, chunk by chunk through a fresh cache
         cache = BitmapKVCache(model.config, k_sparsity, v_sparsity, window=window, backend=backend)
-        logits = []
-        for s in range(0, seqlen, window):
-            out = model(input_ids=ids[:, s : s + window], past_key_values=cache, use_cache=True)
-            logits.append(out.logits.float())
-        logits = torch.cat(logits, dim=1)
-        total_nll += float(F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
-        total_tokens += seqlen - 1
-        ratio, ratio16 = cache.compression_ratio(), cache.compression_ratio(element_size=2)
-    mean = total_nll / total_tokens
+        logits = [model(input_ids=ids[:, s : s + window], past_key_values=cache, use_cache=True).logits.float()
+                  for s in range(0, seqlen, window)]
+        ratios[:] = cache.compression_ratio(), cache.compression_ratio(element_size=2)
+        return torch.cat(logits, dim=1)
+
+    mean, tokens, seconds = _score_windows(model, windows, 1, logits_of, "perplexity (kv cache)", "window", progress)
     return CachePerplexityResult(
-        math.exp(mean), mean, total_tokens, n_windows, seqlen, time.perf_counter() - t0,
-        float(k_sparsity), float(v_sparsity), window, ratio, ratio16,
+        math.exp(mean), mean, tokens, windows.shape[0], seqlen, seconds,
+        float(k_sparsity), float(v_sparsity), window, *ratios,
     )

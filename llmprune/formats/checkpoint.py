@@ -3,8 +3,8 @@
 A checkpoint is a normal Hugging Face folder (``config.json``, safetensors,
 tokenizer) plus ``llmprune.json``: llmprune version, format, base model,
 recipe, calibration and achieved sparsity. It is written to a temporary
-sibling directory and renamed into place at the end, so an interrupted save
-never leaves a half-written checkpoint.
+sibling directory and swapped into place at the end (:mod:`llmprune.formats.output`),
+so an interrupted save never leaves a half-written checkpoint.
 
 Formats register a saver (and, when the plain transformers loader is not
 enough, a loader) with :func:`register_format`; ``"dense"`` is the default and
@@ -17,17 +17,16 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmprune.errors import LlmpruneError
+from llmprune.formats.output import METADATA_FILE, check_output, make_work_dir, move_into_place
 
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "llmprune.json"
 
 
 @dataclass(frozen=True)
@@ -93,31 +92,6 @@ def load_checkpoint_format(directory: str, dtype, device):
     return fmt.load(directory, dtype=dtype, device=device)
 
 
-def check_output(output: str | os.PathLike, overwrite: bool) -> Path:
-    """Validate an output path before any work starts."""
-    output = Path(output).expanduser()
-    if output.exists() and not overwrite:
-        raise LlmpruneError(f"output {output} already exists (pass --overwrite to replace it)")
-    if output.exists() and not output.is_dir():
-        raise LlmpruneError(f"output {output} exists and is not a directory")
-    return output
-
-
-def move_into_place(src: Path, output: Path) -> None:
-    """Rename the finished directory ``src`` to ``output``, replacing an existing ``output``.
-
-    Both are on one filesystem, so each step is an atomic rename: a reader sees the old
-    checkpoint or the new one, never a mix; the old one is deleted only after the swap.
-    """
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.replace(output, old / "x")
-        os.replace(src, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, output)
-
-
 def save_checkpoint(
     model,
     tokenizer,
@@ -144,8 +118,7 @@ def save_checkpoint(
     """
     output = check_output(output, overwrite)
     fmt = get_format(format)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = make_work_dir(output)
     try:
         fmt.save(model, tmp)
         if tokenizer is not None:

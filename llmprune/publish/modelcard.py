@@ -11,14 +11,17 @@ Built from the checkpoint's ``llmprune.json`` (recipe, calibration, command, ach
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import yaml
 
+from llmprune.config import RuntimeConfig
 from llmprune.errors import LlmpruneError
-from llmprune.evaluate.lm_eval import MAIN_METRIC, read_results
+from llmprune.evaluate.lm_eval import MAIN_METRIC
+from llmprune.evaluate.results import read_results
 from llmprune.formats.checkpoint import read_metadata
 
 CARD_FILE = "README.md"
@@ -184,8 +187,9 @@ def build_card(directory: str | os.PathLike, *, repo_id: str | None = None) -> s
                   f"tok = llmprune.load_tokenizer({name!r})"]
     lines += ["```", ""]
     if runtime:
-        lines += ["Recorded runtime options (pass them to `llmprune eval` / `llmprune bench`): "
-                  + ", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in runtime.items()), ""]
+        flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(RuntimeConfig)}
+        lines += ["Recorded runtime options (`llmprune generate`, `ppl`, `eval` and `bench` apply them; flags "
+                  "override them): " + ", ".join(f"`{flags.get(k, k)} {v}`" for k, v in runtime.items()), ""]
     lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
     lines += ["## Reproduce", "", "```bash", meta.get("command") or "(command not recorded)", "```", ""]
     cal = meta.get("calibration")

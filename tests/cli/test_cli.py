@@ -97,6 +97,10 @@ def test_output_exists(tiny_model_dir, tmp_path, capsys):
     assert code == 2 and "already exists" in err and "--overwrite" in err
     code, _, err = run_cli(capsys, "compress", tiny_model_dir, "--method", "magnitude", "-o", tmp_path / "exists",
                            "--overwrite", "--device", "cpu", "-q")
+    assert code == 2 and "not an llmprune checkpoint" in err  # --overwrite only replaces llmprune's own outputs
+    (tmp_path / "exists" / "llmprune.json").write_text("{}")
+    code, _, err = run_cli(capsys, "compress", tiny_model_dir, "--method", "magnitude", "-o", tmp_path / "exists",
+                           "--overwrite", "--device", "cpu", "-q")
     assert code == 0, err
     assert (tmp_path / "exists" / "llmprune.json").exists()
 
@@ -129,3 +133,18 @@ def test_short_calibration(tiny_model_dir, tmp_path, capsys):
 
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
+
+
+@pytest.mark.parametrize("command", ["generate", "ppl", "eval", "bench"])
+def test_runtime_flags_are_the_same_everywhere(command):
+    import dataclasses
+
+    from llmprune.cli import build_parser
+    from llmprune.config import RuntimeConfig
+
+    argv = [command, "m", "--kv-sparsity", "0.5", "--k-sparsity", "0.6", "--v-sparsity", "0.4", "--kv-window", "16",
+            "--attn-sparsity", "0.3", "--gates", "g"] + (["--prompt", "x"] if command == "generate" else [])
+    args = build_parser().parse_args(argv)
+    got = {f.name: getattr(args, f.name) for f in dataclasses.fields(RuntimeConfig)}
+    assert got == {"kv_sparsity": 0.5, "kv_k_sparsity": 0.6, "kv_v_sparsity": 0.4, "kv_window": 16,
+                   "attn_sparsity": 0.3, "gates": "g"}

@@ -70,7 +70,8 @@ def recipe(calib: str) -> Recipe:
 
 
 def test_peak_memory_flat_in_depth(tmp_path, tiny_calib_file, monkeypatch):
-    import llmprune.engine.streaming as streaming
+    import llmprune.engine.run as run
+    from llmprune.formats.shards import ShardWriter
 
     peaks, sizes = {}, {}
     for n in (4, 36):
@@ -95,9 +96,9 @@ def test_peak_memory_flat_in_depth(tmp_path, tiny_calib_file, monkeypatch):
     assert min(peaks.values()) > 1 << 20, msg
 
     events = []
-    load, write = streaming._load_tensors, streaming.ShardWriter.write
-    monkeypatch.setattr(streaming, "_load_tensors", lambda m, keys, *a: (events.append(("load", keys[0])), load(m, keys, *a)))
-    monkeypatch.setattr(streaming.ShardWriter, "write", lambda self, k, t: (events.append(("write", k)), write(self, k, t)))
+    load, write = run.load_tensors, ShardWriter.write
+    monkeypatch.setattr(run, "load_tensors", lambda m, keys, *a: (events.append(("load", keys[0])), load(m, keys, *a)))
+    monkeypatch.setattr(ShardWriter, "write", lambda self, k, t: (events.append(("write", k)), write(self, k, t)))
     llmprune.compress(str(tmp_path / "m36"), recipe(str(tiny_calib_file)), tmp_path / "events", device="cpu",
                       progress=False, low_memory=True)
     # Output written incrementally: each layer's tensors reach the shard before the next layer is loaded.

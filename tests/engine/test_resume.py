@@ -12,13 +12,9 @@ from safetensors.torch import load_file
 import llmprune
 from llmprune.cli import main
 from llmprune.config import CalibConfig, Recipe
-from llmprune.engine.streaming import (
-    STATE_FILE,
-    ShardWriter,
-    SimulatedInterruption,
-    StreamOptions,
-    compress_streaming,
-)
+from llmprune.engine.resume import STATE_FILE
+from llmprune.engine.streaming import SimulatedInterruption, StreamOptions, compress_streaming
+from llmprune.formats.shards import ShardWriter
 
 
 def _tensors(d):
@@ -73,6 +69,19 @@ def test_resume_after_interruption_is_identical(tmp_path, deep_model_dir, tiny_c
     assert res.output == out and not partial.exists()
     _same_checkpoint(ref.output, out)
     assert [m.name for m in res.report.modules] == [m.name for m in ref.report.modules]
+
+
+def test_resume_without_calibration(tmp_path, deep_model_dir):
+    recipe = Recipe(stages=[llmprune.MagnitudeConfig(sparsity=0.5)])
+    cpu = torch.device("cpu")
+    ref = compress_streaming(None, deep_model_dir, recipe, tmp_path / "ref", device=cpu, progress=False)
+    with pytest.raises(SimulatedInterruption):
+        compress_streaming(None, deep_model_dir, recipe, tmp_path / "out", device=cpu, progress=False,
+                           options=StreamOptions(stop_after=1))
+    res = compress_streaming(None, deep_model_dir, recipe, tmp_path / "out", device=cpu, progress=False,
+                             options=StreamOptions(resume=True))
+    assert res.metadata["calibration"] is None
+    _same_checkpoint(ref.output, res.output)
 
 
 def test_crash_mid_layer_then_cli_resume(tmp_path, deep_model_dir, tiny_calib_file, monkeypatch, capsys):

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import llmprune
 from llmprune.config import CalibConfig, Recipe
-from llmprune.engine.streaming import ShardWriter, parse_size
+from llmprune.engine.streaming import parse_size
+from llmprune.formats.shards import ShardWriter
 
 
 def _tensors(d):

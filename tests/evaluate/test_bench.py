@@ -6,8 +6,10 @@ import pytest
 import torch
 from helpers import run_cli, tiny_llama
 
-from llmprune.evaluate import lm_eval as evaluation
+from llmprune.config import RuntimeConfig
+from llmprune.errors import ConfigError
 from llmprune.evaluate.bench import PeakMemory, checkpoint_bytes, time_generation
+from llmprune.runtime import options
 
 FAST = ["--prompt-len", 8, "--new-tokens", 2, "--repeats", 1, "--batch-size", 2, "--device", "cpu"]
 
@@ -33,10 +35,31 @@ def test_bench_plain_model_no_baseline(tiny_model_dir, capsys):
     assert "model vs baseline" not in out and not (tiny_model_dir / "eval_results.json").exists()
 
 
-def test_bench_feature_unavailable_is_an_error(checkpoint, monkeypatch, capsys):
-    monkeypatch.setattr(evaluation, "feature_available", lambda option: False)
+def test_bench_attn_sparsity_needs_gates(checkpoint, capsys):
     code, _, err = run_cli(capsys, "bench", checkpoint, *FAST, "--attn-sparsity", "0.5", "-q")
-    assert code == 2 and "--attn-sparsity needs llmprune.runtime.gates.gate" in err
+    assert code == 2 and "--attn-sparsity needs attention gates" in err
+
+
+def _record_runtime(checkpoint, runtime: dict) -> None:
+    meta = json.loads((checkpoint / "llmprune.json").read_text())
+    meta["recipe"]["runtime"] = runtime
+    (checkpoint / "llmprune.json").write_text(json.dumps(meta))
+
+
+def test_bench_honours_checkpoint_runtime_and_flags(checkpoint, tmp_path, capsys):
+    """The checkpoint's recorded runtime section applies; a KV flag replaces the recorded KV settings."""
+    _record_runtime(checkpoint, {"kv_sparsity": 0.5, "kv_window": 16})
+    argv = ["bench", checkpoint, *FAST, "--batch-size", 1, "--baseline", "none", "--no-record", "-q"]
+    code, _, err = run_cli(capsys, *argv, "--json", tmp_path / "a.json")
+    assert code == 0, err
+    row = json.loads((tmp_path / "a.json").read_text())["rows"][0]
+    assert row["runtime"] == {"kv_sparsity": 0.5, "kv_window": 16}
+    assert "KV bitmap cache, 50% of K/V pruned, window 16" in row["features"]
+    code, _, err = run_cli(capsys, *argv, "--k-sparsity", 0.25, "--v-sparsity", 0.5, "--json", tmp_path / "b.json")
+    assert code == 0, err
+    row = json.loads((tmp_path / "b.json").read_text())["rows"][0]
+    assert row["runtime"] == {"kv_k_sparsity": 0.25, "kv_v_sparsity": 0.5}
+    assert "KV bitmap cache, K 25% / V 50% pruned, window 32" in row["features"]
 
 
 def test_bench_bad_flags(checkpoint, capsys):
@@ -44,27 +67,27 @@ def test_bench_bad_flags(checkpoint, capsys):
     assert code == 2 and "--batch-size" in err
 
 
-def test_runtime_hook_receives_value_and_cache_factory(monkeypatch):
-    """A feature plugs in through RUNTIME_FEATURES: setup(model, value) -> past_key_values factory."""
+def test_runtime_hook_receives_config_and_cache_factory(monkeypatch):
+    """A feature plugs in through RUNTIME_FEATURES: setup(model, config) -> past_key_values factory."""
     from transformers import DynamicCache
 
     seen = []
 
-    def setup(model, value, options):
-        seen.append(value)
+    def setup(model, config):
+        seen.append(config.kv_sparsity)
         return lambda batch: DynamicCache()
 
-    feat = evaluation.RUNTIME_FEATURES["kv_sparsity"]
-    monkeypatch.setitem(evaluation.RUNTIME_FEATURES, "kv_sparsity",
-                        evaluation.RuntimeFeature(feat.option, feat.flag, feat.module, feat.issue, setup, feat.label))
-    monkeypatch.setattr(evaluation, "feature_available", lambda option: True)
+    feat = options.RUNTIME_FEATURES["kv_sparsity"]
+    monkeypatch.setitem(options.RUNTIME_FEATURES, "kv_sparsity",
+                        options.RuntimeFeature(feat.option, feat.fields, setup, feat.label))
     model = tiny_llama()
-    rs = evaluation.setup_runtime(model, {"kv_sparsity": 0.5})
+    rs = options.setup_runtime(model, RuntimeConfig(kv_sparsity=0.5))
     assert seen == [0.5] and rs.options == {"kv_sparsity": 0.5} and "50%" in rs.features[0]
+    assert options.runtime_setup(model) is rs
     pre, dec = time_generation(model, 1, 8, 2, past_key_values=rs.past_key_values, repeats=1)
     assert pre > 0 and dec > 0
-    with pytest.raises(evaluation.ConfigError, match="must be in"):
-        evaluation.setup_runtime(model, {"kv_sparsity": 1.5})
+    with pytest.raises(ConfigError, match="must be in"):
+        RuntimeConfig(kv_sparsity=1.5)
 
 
 def test_peak_memory_and_bytes(tiny_model_dir):

@@ -131,12 +131,24 @@ def test_write_tasks_for_plain_lm_eval(data_dir, tmp_path, capsys):
     assert "lm_eval --model hf" in out and (tmp_path / "inc" / "hellaswag.yaml").is_file()
 
 
-def test_unavailable_runtime_feature_is_an_error(checkpoint, data_dir, monkeypatch, capsys):
-    monkeypatch.setattr(evaluation, "feature_available", lambda option: False)
-    code, _, err = run_cli(capsys, "eval", checkpoint, "--tasks", "copa", "--data-dir", data_dir,
-                           "--kv-sparsity", "0.5", "--device", "cpu", "-q")
-    assert code == 2
-    assert "--kv-sparsity needs llmprune.runtime.kvcache" in err
+def test_eval_runtime_flags_and_checkpoint_section(checkpoint, data_dir, capsys):
+    """eval takes the same runtime flags as generate/ppl (asymmetric K/V too) on top of the recorded section."""
+    meta = json.loads((checkpoint / "llmprune.json").read_text())
+    meta["recipe"]["runtime"] = {"kv_sparsity": 0.5}
+    (checkpoint / "llmprune.json").write_text(json.dumps(meta))
+    common = ["eval", checkpoint, "--tasks", "copa", "--data-dir", data_dir, "--limit", 2, "--device", "cpu", "-q"]
+    code, out, err = run_cli(capsys, *common)
+    assert code == 0, err
+    assert "KV bitmap cache, 50% of K/V pruned, window 32" in out
+    code, out, err = run_cli(capsys, *common, "--k-sparsity", 0.5, "--v-sparsity", 0.25, "--kv-window", 16)
+    assert code == 0, err
+    stored = json.loads((checkpoint / "eval_results.json").read_text())["lm_eval"]
+    assert stored["copa[kv_sparsity=0.5]"]["runtime"] == {"kv_sparsity": 0.5}
+    key = "copa[kv_k_sparsity=0.5,kv_v_sparsity=0.25,kv_window=16]"
+    assert stored[key]["runtime"] == {"kv_k_sparsity": 0.5, "kv_v_sparsity": 0.25, "kv_window": 16}
+    code, _, err = run_cli(capsys, "eval", checkpoint, "--tasks", "copa", "--data-dir", data_dir, "--gates",
+                           checkpoint / "none", "-q")
+    assert code == 2 and "no attention gates" in err
 
 
 def test_bad_eval_flags(checkpoint, data_dir, capsys):

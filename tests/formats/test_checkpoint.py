@@ -32,6 +32,7 @@ def test_overwrite_replaces(tmp_path):
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    (out / "llmprune.json").write_text("{}")  # only llmprune's own outputs are replaced
     save_checkpoint(tiny_llama(), None, out, metadata={}, overwrite=True)
     assert not (out / "stale.txt").exists() and (out / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -5,7 +5,8 @@ import torch
 from helpers import check_close
 from llmprune.kernels.kv_bitmap_attention import kv_bitmap_attention, kv_bitmap_attention_ref
 
-from llmprune.runtime.kvcache import _BitmapStore, keep_count
+from llmprune.formats.bitmap import keep_count
+from llmprune.runtime.kvcache.store import _BitmapStore
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

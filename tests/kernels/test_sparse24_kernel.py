@@ -5,7 +5,7 @@ import torch
 from helpers import check_close
 from llmprune.kernels.sparse24_linear import heuristic_config, sparse24_linear, sparse24_linear_ref
 
-from llmprune.runtime.sparse24 import pack_24
+from llmprune.formats.sparse24 import pack_24
 from llmprune.sparsity import nm_mask
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,7 +51,9 @@ def test_kernel_configs_split_k_and_masking(m, split, block_g):
     check_close(sparse24_linear(x, v, meta, bias, out=out, config=cfg), sparse24_linear_ref(x, v, meta, bias))
 
 
-def test_large_m_falls_back_to_dense():
+def test_many_rows_span_several_row_blocks():
+    # The launcher takes any M (choosing unpack + F.linear for prefill is Sparse24Linear's job): 100 rows are
+    # 7 row blocks of 16, the last one partial.
     v, meta = packed(24, 64, torch.float16)
     x = torch.randn(100, 64).to(torch.float16).to(DEV)
     check_close(sparse24_linear(x, v, meta), sparse24_linear_ref(x, v, meta))

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from helpers import run_cli
 
-from llmprune.evaluate.lm_eval import record_results
+from llmprune.evaluate.results import record_results
 from llmprune.publish import hub
 from llmprune.publish.modelcard import build_card, hub_base_model
 
@@ -81,6 +81,15 @@ def test_card_calibration_and_hub_base(checkpoint):
     assert "llmprune.load(" in card and "Not measured yet" in card
     assert hub_base_model("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
     assert hub_base_model("/nonexistent/dir") is None
+
+
+def test_card_recorded_runtime_uses_the_real_flags(checkpoint):
+    meta = json.loads((checkpoint / "llmprune.json").read_text())
+    meta["recipe"]["runtime"] = {"kv_k_sparsity": 0.5, "kv_window": 16}
+    (checkpoint / "llmprune.json").write_text(json.dumps(meta))
+    card = build_card(checkpoint)
+    assert "`--k-sparsity 0.5`, `--kv-window 16`" in card and "`llmprune generate`, `ppl`, `eval` and `bench`" in card
+    assert "runtime-kv-k-sparsity" in _front_matter(card)["tags"]
 
 
 def test_push_call_sequence(checkpoint, monkeypatch, caplog, capsys):

@@ -23,6 +23,7 @@ from llmprune.runtime.gates.gate import (
 )
 from llmprune.runtime.gates.runtime import attach_gates, detach_gates, gate_runtime
 from llmprune.runtime.gates.training import train_gates
+from llmprune.runtime.options import runtime_setup
 
 BS = 16
 
@@ -168,6 +169,19 @@ def test_save_load_round_trip(trained, tmp_path, tiny_model_dir):
     with pytest.raises(llmprune.LlmpruneError, match="different shape"):
         attach_gates(tiny_llama(num_hidden_layers=3), tmp_path / "g")
     assert isinstance(loaded[0], AttnGate) and not math.isnan(float(loaded[0].q_proj.sum()))
+
+
+def test_load_with_runtime_options_attaches_and_configures_gates(trained, tmp_path, tiny_model_dir):
+    _, gates, _ = trained
+    save_gates(gates, tmp_path / "g", {"base_model": str(tiny_model_dir), "attn_sparsity": 0.9})
+    model = llmprune.load(tmp_path / "g", runtime=llmprune.RuntimeConfig(attn_sparsity=0.25))
+    assert gate_runtime(model).sparsity == 0.25
+    assert runtime_setup(model).features == ["attention gates, 25% of KV blocks skipped"]
+    model = llmprune.load(tiny_model_dir, runtime=llmprune.RuntimeConfig(gates=str(tmp_path / "g")))
+    assert gate_runtime(model).sparsity == 0.9  # the sparsity recorded with the gates
+    assert gate_runtime(llmprune.load(tmp_path / "g", gates=False)) is None
+    with pytest.raises(llmprune.ConfigError, match="needs attention gates"):
+        llmprune.load(tiny_model_dir, runtime=llmprune.RuntimeConfig(attn_sparsity=0.5))
 
 
 def test_cli_train_gates_and_ppl(tiny_model_dir, tiny_calib_file, tmp_path, capsys):

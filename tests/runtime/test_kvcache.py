@@ -62,7 +62,7 @@ def test_keep_count_and_ratio():
     assert keep_count(128, 0.7) == 38 and keep_count(64, 0.7) == 19 and keep_count(64, 0.0) == 64
     with pytest.raises(ConfigError):
         keep_count(64, 1.0)
-    # 16-bit cache, 70%: (12 B per 64-element tile + kept * 2) / dense -- the issue's <= 45% goal
+    # 16-bit cache, 70%: (12 B per 64-element tile + kept * 2) / dense -- within the <= 45% target
     assert expected_ratio(128, 0.7) == pytest.approx((2 * 12 + 38 * 2) / 256)
     assert expected_ratio(64, 0.7) < 0.45
 
@@ -179,6 +179,12 @@ def test_triton_kernel_path_in_generate(monkeypatch):
     assert torch.equal(a.sequences, b.sequences)
     for sa, sb in zip(a.scores, b.scores):
         torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-4)
+
+
+def test_default_window_is_the_config_default():
+    from llmprune.config import DEFAULT_KV_WINDOW
+
+    assert BitmapKVCache(tiny_llama().config, 0.5).window == DEFAULT_KV_WINDOW
 
 
 def test_bad_settings():

@@ -3,6 +3,7 @@
 import json
 import math
 
+import llmprune.kernels.sparse24_linear as kmod
 import pytest
 import torch
 from helpers import TINY_VOCAB, tiny_llama, tiny_tokenizer
@@ -112,7 +113,7 @@ def test_packed_checkpoint_round_trip(pruned_pair, monkeypatch):
     def no_unpack(*a, **k):
         raise AssertionError("loading must not unpack to dense")
 
-    monkeypatch.setattr("llmprune.runtime.sparse24.unpack_24", no_unpack)
+    monkeypatch.setattr("llmprune.runtime.sparse24.module.unpack_24", no_unpack)
     packed = llmprune.load(packed_dir)
     monkeypatch.undo()
     dense = llmprune.load(dense_dir)
@@ -143,15 +144,20 @@ def test_plain_transformers_loads_packed_after_import(pruned_pair):
         torch.testing.assert_close(model(ids).logits, llmprune.load(dense_dir)(ids).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kernel", [False, True])
-def test_greedy_generation_matches_dense_twin(pruned_pair, kernel, monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_greedy_generation_matches_dense_twin(pruned_pair, backend, monkeypatch):
     dense_dir, packed_dir = pruned_pair
     packed, dense = llmprune.load(packed_dir), llmprune.load(dense_dir)
-    monkeypatch.setattr(Sparse24Linear, "use_kernel", kernel)  # True: Triton kernel (interpreter on CPU)
+    monkeypatch.setattr(Sparse24Linear, "backend", backend)  # triton: the kernel (interpreter on CPU)
+    calls = []
+    real = kmod.sparse24_linear
+    monkeypatch.setattr(kmod, "sparse24_linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     ids = torch.tensor([[1, 5, 9, 17, 33, 65]])
-    kw = dict(max_new_tokens=8 if kernel else 12, do_sample=False, pad_token_id=2)
+    kw = dict(max_new_tokens=8 if backend == "triton" else 12, do_sample=False, pad_token_id=2)
     with torch.no_grad():
         assert packed.generate(ids, **kw).tolist() == dense.generate(ids, **kw).tolist()
+    # every decode-step linear (one row) goes through the kernel; the 6-token prefill too (<= 16 rows)
+    assert bool(calls) == (backend == "triton")
 
 
 def test_convert_round_trip(pruned_pair, tmp_path, capsys):

@@ -34,9 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmprune.errors import LlmpruneError
-
-GATES_FILE = "attn_gates.safetensors"
-GATES_CONFIG = "attn_gates.json"
+from llmprune.formats.gates_meta import GATES_CONFIG, GATES_FILE, read_gates_meta
 
 
 @dataclass
@@ -263,11 +261,6 @@ def save_gates(gates: list[AttnGate], directory: str | Path, extra: dict | None 
     return directory
 
 
-def read_gates_meta(directory: str | Path) -> dict | None:
-    path = Path(directory) / GATES_CONFIG
-    return json.loads(path.read_text()) if path.is_file() and (Path(directory) / GATES_FILE).is_file() else None
-
-
 def load_gates(directory: str | Path) -> tuple[list[AttnGate], dict]:
     """Gates saved by :func:`save_gates` -> ``(gates, metadata)``."""
     from safetensors.torch import load_file
@@ -283,9 +276,3 @@ def load_gates(directory: str | Path) -> tuple[list[AttnGate], dict]:
         gate.load_state_dict({n: state[f"layers.{i}.{n}"] for n, _ in gate.named_parameters()})
         gates.append(gate.eval().requires_grad_(False))
     return gates, meta
-
-
-def gates_base_model(directory: str | Path) -> str | None:
-    """For a gates-only directory (no ``config.json``), the base model it was trained on."""
-    meta = read_gates_meta(directory)
-    return meta.get("base_model") if meta else None

@@ -9,9 +9,10 @@ RoPE ``cos``/``sin``, and switches the model to ``llmprune_gated`` (registered w
   the pre-RoPE keys / queries of the current partial block, so a decode step only pools new tokens;
 * scores the current query block (at decode: the running mean of its queries so far, the causal analogue of
   the prefill average) against all KV blocks, and selects blocks per KV head (:func:`~llmprune.runtime.gates.gate.select_blocks`);
-* **decode on CUDA** (one query token, no padding mask): the Triton kernel
-  :func:`llmprune.kernels.gated_attention.gated_attention` visits only the selected blocks;
-* **prefill, and everything on CPU**: dense SDPA with the block mask expanded to tokens (same result as a
+* **decode** (one query token, no padding mask) where :func:`~llmprune.runtime.kernel_policy.use_kernel`
+  allows it (CUDA by default): the Triton kernel :func:`llmprune.kernels.gated_attention.gated_attention` visits
+  only the selected blocks;
+* **prefill, and everything else (CPU)**: dense SDPA with the block mask expanded to tokens (same result as a
   block-sparse kernel, no speed-up: prefill is compute bound and a block-sparse prefill kernel is future work).
 
 With ``attn_sparsity`` 0 (or None) and no threshold/budget the call is plain ``sdpa`` (identical logits).
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from llmprune.errors import LlmpruneError
 from llmprune.model.access import decoder_layers
 from llmprune.runtime.gates.gate import AttnGate, load_gates, pool_k, pool_q, select_blocks, unrotate
+from llmprune.runtime.kernel_policy import GATED_DECODE_QUERIES, backend_from_flag, use_kernel
 
 log = logging.getLogger(__name__)
 IMPL = "llmprune_gated"
@@ -36,17 +38,30 @@ IMPL = "llmprune_gated"
 
 @dataclass
 class GateRuntime:
-    """Selection policy shared by all layers, plus recall / sparsity counters."""
+    """Selection policy shared by all layers, plus recall / sparsity counters.
+
+    ``backend`` requests the decode kernel: ``"auto"`` / ``"triton"`` / ``"torch"``
+    (:mod:`llmprune.runtime.kernel_policy`); ``use_kernel`` is its older boolean spelling.
+    """
 
     sparsity: float | None = None
     threshold: float | None = None
     budget: int | None = None
     measure_recall: bool = False
-    use_kernel: bool | None = None  # None: the Triton decode kernel on CUDA; True: also elsewhere (interpreter)
+    backend: str = "auto"
     recall_sum: float = 0.0
     recall_rows: int = 0
     kept_blocks: int = 0
     causal_blocks: int = 0
+
+    @property
+    def use_kernel(self) -> bool | None:
+        """``backend`` as a flag: None for auto, True for triton, False for torch."""
+        return {"auto": None, "triton": True, "torch": False}[self.backend]
+
+    @use_kernel.setter
+    def use_kernel(self, flag: bool | None) -> None:
+        self.backend = backend_from_flag(flag)
 
     @property
     def active(self) -> bool:
@@ -158,25 +173,6 @@ def gate_runtime(model) -> GateRuntime | None:
     return info[0] if info else None
 
 
-def gates_for_ppl(model, gates_dir: str | None, attn_sparsity: float | None) -> GateRuntime | None:
-    """``llmprune ppl --gates DIR --attn-sparsity S``: attach / configure gates and turn on recall measurement."""
-    if attn_sparsity is not None and not 0.0 <= attn_sparsity <= 0.99:
-        raise LlmpruneError(f"--attn-sparsity must be in [0, 0.99], got {attn_sparsity}")
-    if gates_dir is not None:
-        rt = attach_gates(model, gates_dir, attn_sparsity=attn_sparsity)
-    else:
-        rt = gate_runtime(model)
-        if rt is None and attn_sparsity is not None:
-            raise LlmpruneError("--attn-sparsity needs attention gates: train them with llmprune train-gates, "
-                                "then pass --gates DIR (or load a directory that holds them)")
-        if rt is not None and attn_sparsity is not None:
-            rt.sparsity, rt.threshold, rt.budget = attn_sparsity, None, None
-    if rt is not None:
-        rt.measure_recall = rt.active
-        rt.reset_stats()
-    return rt
-
-
 def _select(module, gate: AttnGate, q: torch.Tensor, k: torch.Tensor):
     """Update the gate state with the new tokens; ``(keep [b,Hkv,nq,nk], first query block)`` or None (dense)."""
     cfg, rt = gate.cfg, gate.runtime
@@ -261,7 +257,9 @@ def gated_attention_forward(module, query, key, value, attention_mask, dropout=0
     g = hq // hkv
     scaling = scaling if scaling is not None else d**-0.5
     no_pad = attention_mask is None or bool(attention_mask.all())
-    if sq == 1 and (rt.use_kernel or (rt.use_kernel is None and query.is_cuda)) and no_pad and not rt.measure_recall:
+    if (sq == GATED_DECODE_QUERIES and no_pad and not rt.measure_recall
+            and use_kernel(query.device, requested=rt.backend)):
+        # Imported on first use: triton's @jit picks compiled vs interpreted when the kernel module loads.
         from llmprune.kernels.gated_attention import gated_attention
 
         out = gated_attention(query[:, :, 0], key, value, keep[:, :, 0], bs, scaling)

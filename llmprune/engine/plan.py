@@ -1,0 +1,155 @@
+"""The streaming engine's model: a meta-device skeleton whose tensors are materialized a layer at a time.
+
+:func:`build_skeleton` builds the model on the meta device (``accelerate.init_empty_weights``: no memory);
+:func:`plan_output` checks it against the checkpoint and lays out the output (tensor names, shapes, dtypes, the
+keys of each decoder layer). :func:`load_tensors` materializes tensors from the source and :func:`to_meta`
+returns them to the meta device once written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import gc
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmprune.engine.source import SafetensorsSource
+from llmprune.model.access import decoder_layers, decoder_layers_path
+from llmprune.model.loading import parse_dtype
+
+
+@dataclasses.dataclass
+class Plan:
+    """The output layout of a streamed checkpoint.
+
+    Attributes:
+        path: the source checkpoint directory.
+        config: the model's ``transformers`` config.
+        dtype: the dtype the model runs and is saved in.
+        keys: output tensors, in state-dict order (tied duplicates removed).
+        shapes: shape of each output tensor.
+        dtypes: dtype of each output tensor.
+        layer_keys: the keys of each decoder layer.
+        other_keys: the keys outside the decoder layers (embeddings, final norm, head).
+        prefix: the decoder layers' module path (``model.layers``).
+    """
+
+    path: Path
+    config: object
+    dtype: torch.dtype
+    keys: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    layer_keys: list[list[str]]
+    other_keys: list[str]
+    prefix: str
+
+
+def build_skeleton(path: Path, dtype: str | torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, object, torch.dtype]:
+    """The causal LM of checkpoint ``path`` on the meta device, in eval mode with tied weights.
+
+    Args:
+        path: a safetensors checkpoint directory.
+        dtype: the model dtype (``"auto"``: the config's, else the checkpoint's first tensor's, else fp32).
+        trust_remote_code: passed to transformers.
+
+    Returns:
+        ``(model, config, dtype)``.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    torch_dtype = parse_dtype(dtype)
+    if torch_dtype == "auto":
+        torch_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(torch_dtype, str):
+            torch_dtype = getattr(torch, torch_dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            src = SafetensorsSource(path)
+            floats = [src.get(k).dtype for k in src.keys()[:1]]
+            torch_dtype = floats[0] if floats and floats[0].is_floating_point else torch.float32
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    model.tie_weights()
+    return model, config, torch_dtype
+
+
+def plan_output(model: nn.Module, path: Path, torch_dtype: torch.dtype, src: SafetensorsSource) -> Plan | str:
+    """Output layout of the skeleton ``model``, or the reason the checkpoint cannot be streamed."""
+    sd = model.state_dict(keep_vars=True)
+    seen: dict[int, str] = {}
+    keys = []
+    for name, t in sd.items():
+        if id(t) in seen:  # tied to an earlier tensor (lm_head <- embed_tokens): saved once, like save_pretrained
+            continue
+        seen[id(t)] = name
+        keys.append(name)
+    available = set(src.keys())
+    missing = [k for k in keys if k not in available]
+    if missing:
+        return f"checkpoint keys differ from the model's (missing e.g. {missing[0]})"
+    for k in keys:
+        if src.shape(k) != tuple(sd[k].shape):
+            return f"{k}: checkpoint shape {src.shape(k)} != model {tuple(sd[k].shape)}"
+    prefix = decoder_layers_path(model)
+    n_layers = len(decoder_layers(model))
+    layer_keys: list[list[str]] = [[] for _ in range(n_layers)]
+    other = []
+    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    for k in keys:
+        m = pat.match(k)
+        (layer_keys[int(m.group(1))] if m else other).append(k)
+    return Plan(path, model.config, torch_dtype, keys, {k: tuple(sd[k].shape) for k in keys},
+                {k: sd[k].dtype for k in keys}, layer_keys, other, prefix)
+
+
+def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer ``name`` (a state-dict key of ``root``) by ``value``."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = root.get_submodule(mod_name) if mod_name else root
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        raise KeyError(name)
+
+
+def to_meta(root: nn.Module, names: list[str]) -> None:
+    """Return tensors ``names`` of ``root`` to the meta device (their memory is freed)."""
+    sd = root.state_dict(keep_vars=True)
+    for name in names:
+        set_tensor(root, name, torch.empty_like(sd[name], device="meta"))
+
+
+def load_tensors(model: nn.Module, keys: list[str], src: SafetensorsSource, plan: Plan, device: torch.device | str) -> None:
+    """Materialize tensors ``keys`` of ``model`` on ``device`` from the source, in the planned dtypes."""
+    for k in keys:
+        # copy=True: safetensors may hand out tensors backed by its private file mapping; pruning them in place
+        # would turn the mapped pages into anonymous copy-on-write memory that lives as long as the mapping.
+        set_tensor(model, k, src.get(k).to(device=device, dtype=plan.dtypes[k], copy=True))
+    if any(k in plan.other_keys for k in keys):
+        model.tie_weights()
+
+
+def move_buffers(module: nn.Module, device: torch.device) -> None:
+    """Move the materialized buffers of ``module`` (e.g. non-persistent rotary tables) to ``device``."""
+    for name, b in module.named_buffers():
+        if b.device.type != "meta" and b.device != device:
+            set_tensor(module, name, b.to(device))
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS after each layer (glibc keeps it otherwise, so the resident size
+    would creep up with depth through fragmentation although nothing is live)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -1,0 +1,300 @@
+"""``BitmapKVCache``: a transformers cache that prunes K/V per token and stores them as bitmaps.
+
+Pruning schedule
+    Every cached key (and value) vector of one token and one KV head keeps its ``k`` largest-magnitude entries
+    along ``head_dim`` (:func:`~llmprune.formats.bitmap.keep_count`; K and V have their own sparsity). The most
+    recent tokens stay dense in a *window*; when the window holds ``window`` tokens or more, its oldest
+    ``window * floor(len / window)`` tokens are pruned and compressed in one batch at the start of the next
+    update. So in token-by-token decode, query ``t`` sees tokens ``[0, window * floor(t / window))`` pruned and
+    ``[window * floor(t / window), t]`` dense; a prefill sees its own tokens dense (as in Mustafar), and they are
+    compressed before the next step.
+
+Attention paths (chosen per step by :mod:`llmprune.runtime.kernel_policy` and the kernel's shape limits)
+    * torch: :meth:`BitmapKVLayer.update` returns the dense reconstruction of the compressed tokens (pruned
+      entries zero) followed by the dense window, so the model's own attention computes exactly attention over
+      the pruned cache. The reconstruction is rebuilt at every step and freed after the layer (O(context) work
+      per step, fine on CPU); the stored state stays compressed.
+    * Triton (``head_dim`` in 64/128/256, fp16/bf16/fp32, at most
+      :data:`~llmprune.runtime.kernel_policy.KV_BITMAP_MAX_QUERIES` new tokens): the cache switches the model
+      config to the ``"llmprune_kv_bitmap"`` attention implementation (:mod:`.attention`). ``update`` then
+      returns only the new tokens, tagged with the layer, and the attention function runs
+      :func:`llmprune.kernels.kv_bitmap_attention.kv_bitmap_attention` directly on the bitmap storage plus the
+      dense window; no dense copy of the cache is ever built.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from llmprune.config import DEFAULT_KV_WINDOW
+from llmprune.errors import ConfigError, LlmpruneError
+from llmprune.formats.bitmap import TILE, keep_count
+from llmprune.runtime.kernel_policy import KV_BITMAP_MAX_QUERIES, check_backend, use_kernel
+from llmprune.runtime.kvcache.attention import ATTN_IMPL, LAYER_TAG, enable_kernel_attention
+from llmprune.runtime.kvcache.store import _BitmapStore
+
+try:  # transformers >= 4.56 has the layered cache API
+    from transformers.cache_utils import Cache, CacheLayerMixin
+except ImportError:  # pragma: no cover
+    Cache = CacheLayerMixin = object  # type: ignore[assignment,misc]
+
+log = logging.getLogger(__name__)
+
+#: Head dims and dtypes the decode kernel is built for.
+_KERNEL_HEAD_DIMS = (64, 128, 256)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class BitmapKVLayer(CacheLayerMixin):
+    """One attention layer's cache: bitmap-compressed pruned K/V plus a dense window of recent tokens.
+
+    Args:
+        k_sparsity, v_sparsity: fractions of each key / value vector pruned.
+        window: recent tokens kept dense (compressed ``window`` at a time).
+        owner: the :class:`BitmapKVCache` (its ``backend`` and model config decide the attention path).
+        capacity: tokens to preallocate in each store.
+    """
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+
+    def __init__(self, k_sparsity: float, v_sparsity: float, window: int, owner=None, capacity: int = 0):
+        super().__init__()
+        self.k_sparsity, self.v_sparsity, self.window = k_sparsity, v_sparsity, window
+        self.owner = owner
+        self.capacity = capacity
+        self.k_store: _BitmapStore | None = None
+        self.v_store: _BitmapStore | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, d = key_states.shape
+        if (self.window * d) % TILE:
+            raise LlmpruneError(f"KV window ({self.window}) x head_dim ({d}) must be a multiple of {TILE}")
+        if value_states.shape[-1] != d:
+            raise LlmpruneError("BitmapKVCache needs the same head_dim for keys and values")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.head_dim = d
+        self.k_keep = keep_count(d, self.k_sparsity)
+        self.v_keep = keep_count(d, self.v_sparsity)
+        cap = self.capacity
+        self.k_store = _BitmapStore(B, H, d, self.k_keep, self.dtype, self.device, cap)
+        self.v_store = _BitmapStore(B, H, d, self.v_keep, self.dtype, self.device, cap)
+        self.keys = key_states[:, :, :0]  # the dense window
+        self.values = value_states[:, :, :0]
+        self.is_initialized = True
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    @property
+    def compressed_tokens(self) -> int:
+        return self.k_store.tokens if self.is_initialized else 0
+
+    @property
+    def window_tokens(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized else 0
+
+    def get_seq_length(self) -> int:
+        return self.compressed_tokens + self.window_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _flush(self) -> None:
+        """Compress the oldest ``window * floor(len / window)`` window tokens."""
+        n = (self.window_tokens // self.window) * self.window
+        if n == 0:
+            return
+        self.k_store.append(self.keys[:, :, :n])
+        self.v_store.append(self.values[:, :, :n])
+        self.keys = self.keys[:, :, n:].contiguous()
+        self.values = self.values[:, :, n:].contiguous()
+
+    def _kernel_applies(self, q_len: int) -> bool:
+        owner = self.owner
+        if owner is None or q_len > KV_BITMAP_MAX_QUERIES:
+            return False
+        # Only the registered attention function understands the tagged new-token views update() returns.
+        if getattr(owner.attn_config, "_attn_implementation", None) != ATTN_IMPL:
+            return False
+        if self.head_dim not in _KERNEL_HEAD_DIMS or self.dtype not in _KERNEL_DTYPES:
+            return False
+        return use_kernel(self.device, requested=owner.backend)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Add ``[B, H, q, d]`` new keys / values; returns what the attention function should attend over.
+
+        Returns:
+            ``(keys, values)``: on the torch path the dense ``[B, H, T, d]`` reconstruction of the whole cache;
+            on the kernel path the new tokens only, the key view tagged with this layer.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._flush()
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self._kernel_applies(key_states.shape[-2]):
+            k_tag, v_tag = key_states.view(key_states.shape), value_states.view(value_states.shape)
+            setattr(k_tag, LAYER_TAG, self)
+            return k_tag, v_tag
+        if self.compressed_tokens == 0:
+            return self.keys, self.values
+        return (
+            torch.cat([self.k_store.dense(), self.keys], dim=-2),
+            torch.cat([self.v_store.dense(), self.values], dim=-2),
+        )
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------------------
+    def nbytes(self, element_size: int | None = None) -> tuple[int, int]:
+        """``(stored bytes, dense-cache bytes)`` of this layer; element size defaults to the cache dtype's."""
+        if not self.is_initialized:
+            return 0, 0
+        es = self.keys.element_size() if element_size is None else element_size
+        B, H = self.keys.shape[:2]
+        window = 2 * B * H * self.window_tokens * self.head_dim * es
+        stored = self.k_store.nbytes(es) + self.v_store.nbytes(es) + window
+        dense = 2 * B * H * self.get_seq_length() * self.head_dim * es
+        return stored, dense
+
+    def reset(self) -> None:
+        self.k_store = self.v_store = None
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("BitmapKVCache cannot be cropped (pruned entries are gone)")
+
+    def _index_batch(self, idx: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        idx = idx.to(self.device)
+        self.k_store.index_batch(idx)
+        self.v_store.index_batch(idx)
+        self.keys = self.keys.index_select(0, idx)
+        self.values = self.values.index_select(0, idx)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            B = self.keys.shape[0]
+            self._index_batch(torch.arange(B, device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            idx = indices if indices.dtype != torch.bool else indices.nonzero().flatten()
+            self._index_batch(idx.to(torch.long))
+
+    def offload(self):  # pragma: no cover - offloading is not supported
+        pass
+
+    def prefetch(self):  # pragma: no cover
+        pass
+
+
+class BitmapKVCache(Cache):
+    """KV cache that prunes K/V per token (top-k magnitude along ``head_dim``) and stores them as bitmaps.
+
+    Use it as ``past_key_values`` of ``model.generate(...)`` or of a forward pass.
+
+    Args:
+        config: the model config (``model.config``); full-attention layers get a bitmap layer, other layer types
+            (sliding window, linear attention) keep transformers' own dense layers.
+        k_sparsity: fraction of each key vector pruned (``round(s * head_dim)`` entries), in [0, 1).
+        v_sparsity: same for values (default: ``k_sparsity``).
+        window: recent tokens kept dense; compressed ``window`` at a time (``window * head_dim`` must be a
+            multiple of 64). Default :data:`llmprune.config.DEFAULT_KV_WINDOW`.
+        backend: kernel request, ``"auto"`` (Triton decode kernel on CUDA, torch elsewhere), ``"torch"`` (always
+            dense reconstruction) or ``"triton"`` (kernel also on CPU under ``TRITON_INTERPRET=1``; for tests);
+            see :mod:`llmprune.runtime.kernel_policy`.
+        capacity: tokens per layer to preallocate (storage grows by doubling beyond it).
+
+    Raises:
+        ConfigError: on a sparsity outside [0, 1), a window below 1 or an unknown backend.
+
+    When the kernel may run on this machine it sets ``config._attn_implementation`` to ``"llmprune_kv_bitmap"``,
+    which behaves as ``sdpa`` except for decode steps over this cache.
+    """
+
+    def __init__(
+        self,
+        config=None,
+        k_sparsity: float = 0.7,
+        v_sparsity: float | None = None,
+        window: int = DEFAULT_KV_WINDOW,
+        backend: str = "auto",
+        capacity: int = 0,
+    ):
+        v_sparsity = k_sparsity if v_sparsity is None else v_sparsity
+        for s in (k_sparsity, v_sparsity):
+            keep_count(64, s)  # validates
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"KV window must be an integer >= 1, got {window!r}")
+        self.k_sparsity, self.v_sparsity, self.window = float(k_sparsity), float(v_sparsity), window
+        self.backend = check_backend(backend)
+        make = functools.partial(BitmapKVLayer, self.k_sparsity, self.v_sparsity, window, self, capacity)
+        self.attn_config = None
+        if config is None:
+            super().__init__(layer_class_to_replicate=make)
+            return
+        from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
+
+        text_config = config.get_text_config(decoder=True)
+        self.attn_config = text_config
+        layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text_config)
+        layers = []
+        for lt, kw in zip(layer_types, per_layer_kwargs):
+            if lt == "full_attention":
+                layers.append(make())
+            else:
+                log.warning("layer type %s keeps a dense %s cache", lt, DYNAMIC_LAYER_TYPE_MAPPING[lt].__name__)
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[lt](**kw))
+        super().__init__(layers=layers)
+        # The model's device is unknown here: switch the attention implementation if the kernel could run on
+        # this machine's accelerator (or the interpreter); each step still checks its own layer's device.
+        if use_kernel("cuda" if torch.cuda.is_available() else "cpu", requested=self.backend):
+            enable_kernel_attention(text_config)
+
+    def bitmap_layers(self) -> list[BitmapKVLayer]:
+        return [layer for layer in self.layers if isinstance(layer, BitmapKVLayer)]
+
+    def flush(self) -> None:
+        """Compress the full windows now (the next update would do it anyway; e.g. right after a prefill)."""
+        for layer in self.bitmap_layers():
+            if layer.is_initialized:
+                layer._flush()
+
+    def memory_report(self, element_size: int | None = None) -> dict:
+        """Stored vs dense bytes over the bitmap layers (``element_size=2`` counts a 16-bit cache)."""
+        stored = dense = 0
+        compressed = window = 0
+        for layer in self.bitmap_layers():
+            s, d = layer.nbytes(element_size)
+            stored, dense = stored + s, dense + d
+            compressed, window = compressed + layer.compressed_tokens, window + layer.window_tokens
+        n = max(1, len(self.bitmap_layers()))
+        return {
+            "stored_bytes": stored,
+            "dense_bytes": dense,
+            "ratio": stored / dense if dense else float("nan"),
+            "compressed_tokens": compressed // n,
+            "window_tokens": window // n,
+        }
+
+    def bytes(self, element_size: int | None = None) -> int:
+        """Bytes of the compressed cache: bitmaps + offsets + kept values + the dense window."""
+        return self.memory_report(element_size)["stored_bytes"]
+
+    def dense_bytes(self, element_size: int | None = None) -> int:
+        """Bytes a dense cache of the same tokens would take."""
+        return self.memory_report(element_size)["dense_bytes"]
+
+    def compression_ratio(self, element_size: int | None = None) -> float:
+        """``bytes() / dense_bytes()``."""
+        return self.memory_report(element_size)["ratio"]

@@ -1,0 +1,100 @@
+"""Growing bitmap storage of one of K / V in one attention layer (layout: :mod:`llmprune.formats.bitmap`)."""
+
+from __future__ import annotations
+
+import torch
+
+from llmprune.formats.bitmap import TILE, TILE_META_BYTES, BitmapTensor, pack_topk, unpack_bitmap
+
+
+class _BitmapStore:
+    """Bitmap storage of ``[B, H, T, d]`` pruned to ``keep`` entries per token; a row is one ``(b, h)``.
+
+    Buffers are preallocated for ``capacity`` tokens and grow by doubling, so an append writes in place and the
+    kernel reads ``bitmap`` / ``offsets`` / ``values`` views without copies.
+
+    Args:
+        batch: ``B``.
+        heads: KV heads ``H``.
+        head_dim: ``d``.
+        keep: entries kept per token vector (:func:`~llmprune.formats.bitmap.keep_count`).
+        dtype: value dtype.
+        device: storage device.
+        capacity: tokens to preallocate.
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, keep: int, dtype, device, capacity: int = 0):
+        self.B, self.H, self.d, self.keep = batch, heads, head_dim, keep
+        self.tokens = 0
+        self.n_tiles = 0
+        self.n_vals = 0
+        tiles_cap = capacity * head_dim // TILE
+        self._bitmap = torch.zeros(batch, heads, tiles_cap, dtype=torch.int64, device=device)
+        self._offsets = torch.zeros(batch, heads, tiles_cap, dtype=torch.int32, device=device)
+        self._values = torch.zeros(batch, heads, capacity * keep, dtype=dtype, device=device)
+
+    @staticmethod
+    def _grow(buf: torch.Tensor, need: int) -> torch.Tensor:
+        cap = buf.shape[-1]
+        if need <= cap:
+            return buf
+        new = buf.new_zeros(*buf.shape[:-1], max(need, 2 * cap, 64))
+        new[..., :cap] = buf
+        return new
+
+    def append(self, x: torch.Tensor, piece: int = 4096) -> None:
+        """Prune ``x [B, H, T, d]`` (``T * d`` a multiple of 64) and append it.
+
+        Appends ``piece`` tokens at a time, which bounds the top-k / mask temporaries of a long prefill.
+        """
+        for s in range(0, x.shape[2], piece):
+            self._append(x[:, :, s : s + piece])
+
+    def _append(self, x: torch.Tensor) -> None:
+        bt = pack_topk(x, self.keep)
+        nt, nv = bt.bitmap.shape[-1], bt.values.shape[-1]
+        self._bitmap = self._grow(self._bitmap, self.n_tiles + nt)
+        self._offsets = self._grow(self._offsets, self.n_tiles + nt)
+        self._values = self._grow(self._values, self.n_vals + nv)
+        self._bitmap[..., self.n_tiles : self.n_tiles + nt] = bt.bitmap
+        # pack_topk counts offsets from the piece's start; the row's values continue after n_vals.
+        self._offsets[..., self.n_tiles : self.n_tiles + nt] = bt.offsets + self.n_vals
+        self._values[..., self.n_vals : self.n_vals + nv] = bt.values
+        self.tokens += x.shape[2]
+        self.n_tiles += nt
+        self.n_vals += nv
+
+    @property
+    def bitmap(self) -> torch.Tensor:
+        """``[B, H, tokens * d / 64]`` int64."""
+        return self._bitmap[..., : self.n_tiles]
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """``[B, H, tokens * d / 64]`` int32."""
+        return self._offsets[..., : self.n_tiles]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """``[B, H, tokens * keep]`` kept values."""
+        return self._values[..., : self.n_vals]
+
+    def as_bitmap_tensor(self) -> BitmapTensor:
+        return BitmapTensor(self.bitmap, self.offsets, self.values, self.tokens * self.d)
+
+    def dense(self) -> torch.Tensor:
+        """``[B, H, tokens, d]`` reconstruction (pruned entries zero)."""
+        if self.tokens == 0:
+            return self._values.new_zeros(self.B, self.H, 0, self.d)
+        return unpack_bitmap(self.as_bitmap_tensor()).view(self.B, self.H, self.tokens, self.d)
+
+    def nbytes(self, element_size: int) -> int:
+        """Bytes of the stored tokens (not the spare capacity), values at ``element_size`` bytes."""
+        return self.B * self.H * (self.n_tiles * TILE_META_BYTES + self.n_vals * element_size)
+
+    def index_batch(self, idx: torch.Tensor) -> None:
+        """Keep (and reorder) the batch rows ``idx`` (beam search, batch selection)."""
+        self._bitmap = self._bitmap.index_select(0, idx)
+        self._offsets = self._offsets.index_select(0, idx)
+        self._values = self._values.index_select(0, idx)
+        self.B = self._values.shape[0]
