@@ -39,6 +39,24 @@ def check_patterns(name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def build(cls: type, data: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{where}.{key}: unknown key (expected one of: {', '.join(names)})")
+    try:
+        return cls(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 @dataclass
 class PruneConfig:
     """Base of every method config.
@@ -196,18 +214,7 @@ class RuntimeConfig:
         Raises:
             ConfigError: naming ``where`` and the bad key or value.
         """
-        if data is None:
-            return cls()
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in names:
-                raise ConfigError(f"{where}.{key}: unknown key (expected one of: {', '.join(names)})")
-        try:
-            return cls(**data)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+        return build(cls, data, where)
 
     @property
     def kv_enabled(self) -> bool:

@@ -15,35 +15,16 @@ Example (``recipes/wanda-2of4.yaml``)::
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from llmprune.config import CalibConfig, Recipe, RuntimeConfig, SaveConfig
+from llmprune.config import CalibConfig, Recipe, RuntimeConfig, SaveConfig, build
 from llmprune.errors import ConfigError
 from llmprune.prune.registry import get_method
 
 _TOP_KEYS = ("prune", "calibration", "save", "runtime")
-
-
-def build(cls: type, data: Any, where: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"{where}.{key}: unknown key (expected one of: {', '.join(names)})")
-    try:
-        return cls(**data)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
 
 
 def stage_from_dict(data: Any, where: str):

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from llmprune.api import compress
 from llmprune.commands.common import add_model_arguments
-from llmprune.config import CalibConfig, Recipe, SaveConfig
+from llmprune.config import CalibConfig, Recipe, SaveConfig, build
 from llmprune.errors import ConfigError
 from llmprune.prune.registry import available_methods, get_method, method_for_config
 from llmprune.publish.hub import check_repo_id, push
-from llmprune.recipe import build, load_recipe
+from llmprune.recipe import load_recipe
 
 NAME = "compress"
 HELP = "prune a Hugging Face causal LM and save the checkpoint"
