@@ -1,4 +1,4 @@
-"""Issue-6 table: CFSP structured pruning of SmolLM2-135M -- parameters, perplexity, CPU decode latency.
+"""Table: CFSP structured pruning of SmolLM2-135M -- parameters, perplexity, CPU decode latency.
 
 Protocol:
   * calibration: --nsamples x --seqlen tokens from the shipped C4 parquet, seed 0 (foundation sampling);

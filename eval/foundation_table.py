@@ -1,4 +1,4 @@
-"""Issue-2 quality table: dense vs magnitude / Wanda / SparseGPT on SmolLM2-135M.
+"""Quality table: dense vs magnitude / Wanda / SparseGPT on SmolLM2-135M.
 
 Protocol (one for all rows):
   * calibration: 64 samples x 512 tokens from the shipped C4 parquet, seed 0;

@@ -1,4 +1,4 @@
-"""Issue-4 quality table: WikiText-2 perplexity of SmolLM2-135M with the pruned bitmap KV cache active.
+"""Quality table: WikiText-2 perplexity of SmolLM2-135M with the pruned bitmap KV cache active.
 
 Protocol:
   * WikiText-2 raw test joined with "\\n\\n", tokenized once, non-overlapping --seqlen windows (default 512), the first

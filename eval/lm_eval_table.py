@@ -1,4 +1,4 @@
-"""Issue-7 quality table: lm-eval accuracies, dense vs pruned checkpoints, on SmolLM2-135M.
+"""Quality table: lm-eval accuracies, dense vs pruned checkpoints, on SmolLM2-135M.
 
 Protocol:
   * each row runs the real CLI in a subprocess: `llmprune eval MODEL --tasks ... --limit N --data-dir
