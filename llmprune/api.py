@@ -6,6 +6,7 @@ The CLI and the eval scripts are thin wrappers over these.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,15 +17,31 @@ from torch import nn
 
 from llmprune.calibration.capture import capture_layer_inputs
 from llmprune.calibration.data import clip_seqlen, load_calibration
-from llmprune.config import PruneConfig, Recipe
+from llmprune.config import CalibConfig, PruneConfig, Recipe
+from llmprune.engine.activations import check_activation_memory
 from llmprune.engine.layerwise import prune_layerwise
-from llmprune.engine.streaming import StreamOptions, compress_streaming, use_streaming
-from llmprune.errors import ConfigError
-from llmprune.formats.checkpoint import check_output, get_format, save_checkpoint
-from llmprune.formats.metadata import build_metadata
-from llmprune.model.access import DEFAULT_IGNORE, matches_any
+from llmprune.engine.resume import finished_output
+from llmprune.engine.run import hidden_size, model_is_path
+from llmprune.engine.step import check_finite, check_stages, verify_model
+from llmprune.engine.streaming import (
+    StreamOptions,
+    check_offload_dir,
+    check_stream_options,
+    compress_streaming,
+    use_streaming,
+)
+from llmprune.errors import ConfigError, LlmpruneError
+from llmprune.formats.checkpoint import check_output, get_format, read_metadata, save_checkpoint
+from llmprune.formats.metadata import build_metadata, check_record_paths
+from llmprune.model.access import (
+    DEFAULT_IGNORE,
+    decoder_layers,
+    decoder_layers_path,
+    linear_modules,
+    matches_any,
+)
 from llmprune.model.device import resolve_device
-from llmprune.model.loading import DEFAULT_MODEL, load_pretrained, load_tokenizer, resolve_model
+from llmprune.model.loading import DEFAULT_MODEL, load_pretrained, load_tokenizer, parse_dtype, resolve_model
 from llmprune.model.structured import is_nonuniform
 from llmprune.prune.registry import method_for_config
 from llmprune.prune.report import CompressResult, PruneReport
@@ -73,16 +90,22 @@ def prune(
     report = PruneReport()
     t0 = time.perf_counter()
     was_training = model.training
+    for stage in stages:
+        method = method_for_config(stage)
+        if method.needs_calibration and calib is None:
+            raise ConfigError(f"method {method.name!r} needs calibration data")
+    check_stages(model, stages)  # --ignore patterns match, N:M divides the pruned linears' input sizes
     model.eval()
     try:
         for stage in stages:
             method = method_for_config(stage)
-            if method.needs_calibration and calib is None:
-                raise ConfigError(f"method {method.name!r} needs calibration data")
             patterns = DEFAULT_IGNORE + tuple(stage.ignore)
             if method.kind == "model":
+                _check_model_finite(model, patterns)
                 ctx = PruneContext(calib, dev, batch_size, progress, patterns)
-                report.modules.extend(method.fn(model, stage, ctx))
+                stage_reports = method.fn(model, stage, ctx)
+                verify_model(model, [stage], stage_reports)
+                report.modules.extend(stage_reports)
                 continue
             inputs = capture_layer_inputs(model, calib, dev, batch_size) if method.stats else None
             report.modules.extend(
@@ -103,6 +126,67 @@ def prune(
     return report
 
 
+def _check_model_finite(model: nn.Module, patterns: tuple[str, ...]) -> None:
+    """Before a whole-model method: no linear of the decoder layers it may prune holds NaN/inf."""
+    prefix = decoder_layers_path(model)
+    for idx, layer in enumerate(decoder_layers(model)):
+        targets = {n: m for n, m in linear_modules(layer).items() if not matches_any(f"{prefix}.{idx}.{n}", patterns)}
+        check_finite(targets, lambda n, i=idx: f"{prefix}.{i}.{n}")
+
+
+def _meta_model(resolved: str, trust_remote_code: bool) -> nn.Module | None:
+    """The model of ``resolved`` on the meta device, built from its config alone (no weights are read), or None
+    when that is not possible without loading (a non-dense llmprune checkpoint, an unknown config)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta = read_metadata(resolved) if Path(resolved).is_dir() else None
+    if meta and meta.get("format", "dense") != "dense":  # packed / structured: shapes differ from the config's
+        return None
+    try:
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # offline Hub id, custom architecture...: the real load reports it
+        log.debug("no meta-device model of %s before loading: %s", resolved, exc)
+        return None
+
+
+def _check_calib_source(cal: CalibConfig) -> None:
+    """A calibration source that names a file must be one (before the model is loaded)."""
+    path = Path(os.path.expanduser(cal.source))
+    if (path.suffix.lower() in (".txt", ".jsonl", ".json", ".parquet") or path.exists()) and not path.is_file():
+        raise LlmpruneError(f"calibration file not found: {cal.source}")
+
+
+def _preflight(resolved: str, recipe: Recipe, *, dtype: str, device: torch.device, trust_remote_code: bool,
+               streaming: bool) -> None:
+    """What can be checked from the model's config before any weight is read: the stages against the linear
+    shapes (--ignore patterns, N:M), and (in memory) the calibration activations against the RAM."""
+    model = _meta_model(resolved, trust_remote_code)
+    if model is None:
+        return
+    check_stages(model, recipe.stages)
+    if streaming or not any(method_for_config(s).needs_calibration for s in recipe.stages):
+        return  # the streaming engine checks its activations itself (they may go to disk)
+    config = model.config
+    hidden = hidden_size(config)
+    if hidden is None:
+        return
+    torch_dtype = parse_dtype(dtype)
+    if not isinstance(torch_dtype, torch.dtype):
+        torch_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(torch_dtype, str):
+            torch_dtype = getattr(torch, torch_dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            torch_dtype = torch.float32
+    cal = recipe.calibration
+    seqlen = min(cal.seqlen, getattr(config, "max_position_embeddings", None) or cal.seqlen)
+    weights = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=torch_dtype).element_size()
+    check_activation_memory(cal.nsamples, seqlen, hidden, torch_dtype, device=device, streaming=False,
+                            reserved=weights if device.type == "cpu" else 0)
+
+
 def compress(
     model_ref: str | None,
     recipe: Recipe,
@@ -119,6 +203,7 @@ def compress(
     max_memory: str | int | None = None,
     offload_dir: str | Path | None = None,
     dist_reduce: str = "exact",
+    record_paths: str = "relative",
 ) -> CompressResult:
     """Load ``model_ref``, run the recipe's prune stages, save the checkpoint.
 
@@ -141,31 +226,56 @@ def compress(
         offload_dir: where activations spilled to disk go (default: inside ``<output>.partial``).
         dist_reduce: ``"exact"`` (bit-identical to one process) or ``"sum"`` (one all-reduce per statistic)
             for multi-process runs (:mod:`llmprune.calibration.distributed`).
+        record_paths: how ``llmprune.json`` records local paths (base model, calibration file, command line):
+            ``"relative"`` to the checkpoint directory (default; no user name or directory layout is recorded
+            and the checkpoint can move with its model) or ``"absolute"``.
+
+    Every input that can be checked before loading is checked first (flags, sizes, the offload directory,
+    the output, the calibration file, the stages against the model's config); the loaded model's shapes are
+    checked again before calibration, and the pruned weights before anything is saved.
     """
     if not recipe.stages:
         raise ConfigError("the recipe has no prune stages")
-    resolved = resolve_model(model_ref)
-    # Never write over (or around) what the run reads: the model directory and a local calibration file.
-    output = check_output(output, overwrite, inputs=[resolved, recipe.calibration.source])
+    # Everything that can be checked before loading, cheapest first; nothing is written until all passed.
+    check_record_paths(record_paths)
+    opts = StreamOptions(resume=resume, max_memory=max_memory, offload_dir=offload_dir, dist_reduce=dist_reduce)
+    check_stream_options(opts)
+    needs_calib = any(method_for_config(s).needs_calibration for s in recipe.stages)
+    if needs_calib:
+        _check_calib_source(recipe.calibration)
     fmt = get_format(recipe.save.format)
     if fmt.check is not None:
         fmt.check(recipe)
     dev = resolve_device(device)
+    parse_dtype(dtype)
+    resolved = resolve_model(model_ref)
+    inputs = [resolved, recipe.calibration.source]
+    # Never write over (or around) what the run reads: the model directory and a local calibration file.
+    if resume and finished_output(Path(output).expanduser()):
+        output = Path(output).expanduser()  # a streaming run interrupted after its final move: only clean up
+    else:
+        output = check_output(output, overwrite, inputs=inputs)
+    check_offload_dir(offload_dir, inputs=inputs, output=output)
     stream_dir = use_streaming(resolved, recipe, low_memory=low_memory, resume=resume)
+    _preflight(resolved, recipe, dtype=dtype, device=dev, trust_remote_code=trust_remote_code,
+               streaming=stream_dir is not None)
     if stream_dir is not None:
-        opts = StreamOptions(resume=resume, max_memory=max_memory, offload_dir=offload_dir, dist_reduce=dist_reduce)
-        return compress_streaming(model_ref, stream_dir, recipe, output, device=dev, dtype=dtype, overwrite=overwrite,
-                                  progress=progress, trust_remote_code=trust_remote_code, command=command, options=opts)
+        return compress_streaming(model_ref if model_ref is not None else DEFAULT_MODEL, stream_dir, recipe, output,
+                                  device=dev, dtype=dtype, overwrite=overwrite, progress=progress,
+                                  trust_remote_code=trust_remote_code, command=command, options=opts,
+                                  record_paths=record_paths)
     tokenizer = load_tokenizer(resolved, trust_remote_code)
     model = load_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+    check_stages(model, recipe.stages)  # the loaded shapes, before any calibration work
     calib = None
     calib_cfg = recipe.calibration
-    if any(method_for_config(s).needs_calibration for s in recipe.stages):
+    if needs_calib:
         calib_cfg = clip_seqlen(calib_cfg, model.config)
         t_cal = time.perf_counter()
         calib = load_calibration(calib_cfg, tokenizer, model)
         log.info("calibration data: %s in %.1fs", tuple(calib.shape), time.perf_counter() - t_cal)
     report = prune(model, recipe.stages, calib, device=dev, batch_size=calib_cfg.batch_size, progress=progress)
+    verify_model(model, recipe.stages, report.modules)  # an internal error here: nothing is saved
     model.config.use_cache = True
     save_format = recipe.save.format
     if save_format == "dense" and is_nonuniform(model):  # per-layer sizes (cfsp): plain "dense" cannot describe them
@@ -174,6 +284,7 @@ def compress(
         base_model=model_ref or DEFAULT_MODEL, recipe=recipe, calibration=calib_cfg if calib is not None else None,
         report=report, dtype=next(model.parameters()).dtype, command=command,
         format=save_format if save_format != recipe.save.format else None,  # recorded when it differs
+        output=output, record_paths=record_paths, base_is_path=model_is_path(model_ref),
     )
     path = save_checkpoint(model, tokenizer, output, metadata=metadata, format=save_format, overwrite=overwrite)
     return CompressResult(path, report, metadata)

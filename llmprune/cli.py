@@ -4,16 +4,25 @@ Subcommands live in :mod:`llmprune.commands`, one module each, listed
 explicitly in :data:`COMMANDS`; each module defines ``NAME``, ``HELP``,
 ``add_arguments(parser)`` and ``run(args) -> int``.
 
-Every user error (:class:`~llmprune.errors.LlmpruneError`, bad flags) prints
-one line ``llmprune: error: ...`` on stderr and exits with code 2.
+Every bad input ends in one line on stderr, never a traceback (``-v`` adds the traceback):
+
+* a user error (:class:`~llmprune.errors.LlmpruneError`, bad flags), a path the system refuses
+  (``OSError``: permission denied, not found, read-only filesystem, disk full ...) or a Hugging Face Hub
+  that cannot be reached: ``llmprune: error: ...``, exit code 2;
+* Ctrl-C: ``llmprune: interrupted``, exit code 130;
+* anything else is a bug: ``llmprune: internal error: <type>: <message> (rerun with -v for the traceback)``,
+  exit code 3.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import re
 import sys
+import traceback
 
 from llmprune._version import __version__
 from llmprune.commands import bench as _bench
@@ -25,8 +34,12 @@ from llmprune.commands import ppl as _ppl
 from llmprune.commands import push as _push
 from llmprune.commands import train_gates as _train_gates
 from llmprune.errors import LlmpruneError
+from llmprune.publish.hub import hub_error_message
 
 COMMANDS = (_compress, _ppl, _eval, _bench, _push, _convert, _train_gates, _generate)
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,15 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     for mod in COMMANDS:
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
         p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error")
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
 
 
-def _setup_logging(quiet: bool) -> None:
+def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("llmprune").setLevel(logging.DEBUG if verbose else logging.NOTSET)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         import transformers
@@ -62,25 +77,65 @@ def _setup_logging(quiet: bool) -> None:
         pass
 
 
+def _one_line(text: object, limit: int = 500) -> str:
+    """The first non-empty line of ``text``, at most ``limit`` characters (terminal colour codes removed)."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(text)).splitlines() if ln.strip()]
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _os_error_message(exc: OSError) -> str:
+    """``PATH: reason`` for an ``OSError`` (the paths it names, its ``strerror``)."""
+    reason = exc.strerror or _one_line(exc) or type(exc).__name__
+    paths = [os.fsdecode(p) if isinstance(p, (str, bytes, os.PathLike)) else str(p)
+             for p in (exc.filename, exc.filename2) if p is not None]
+    if exc.errno == errno.EROFS:
+        reason = "read-only file system"
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
+
+
+def error_message(exc: BaseException) -> tuple[str, int]:
+    """The one stderr line and the exit code for an exception that ended a command (see the module docstring)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "llmprune: interrupted", EXIT_INTERRUPTED
+    if isinstance(exc, LlmpruneError):
+        return f"llmprune: error: {_one_line(exc)}", EXIT_USER_ERROR
+    hub = hub_error_message(exc)
+    if hub is not None:
+        return f"llmprune: error: {_one_line(hub)}", EXIT_USER_ERROR
+    if isinstance(exc, OSError):
+        return f"llmprune: error: {_one_line(_os_error_message(exc))}", EXIT_USER_ERROR
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
+        return f"llmprune: error: out of memory: {_one_line(exc) or 'allocation failed'} (try a smaller --batch-size " \
+               "or --seqlen, or another --device)", EXIT_USER_ERROR
+    msg = _one_line(exc)
+    return (f"llmprune: internal error: {type(exc).__name__}{': ' + msg if msg else ''} "
+            "(rerun with -v for the traceback)"), EXIT_INTERNAL_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    """Run the command line; returns the exit code (0 ok, 2 user error, 3 internal error, 130 interrupted)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, bad flags: keep main() returning a code
         return int(exc.code or 0)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
-    _setup_logging(args.quiet)
-    try:
-        return int(args._run(args) or 0)
-    except LlmpruneError as exc:
-        print(f"llmprune: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("llmprune: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    verbose = bool(getattr(args, "verbose", False))
+    try:
+        _setup_logging(args.quiet, verbose)
+        return int(args._run(args) or 0)
+    except (Exception, KeyboardInterrupt) as exc:  # SystemExit (a command's own exit code) passes through
+        line, code = error_message(exc)
+        if verbose and not isinstance(exc, KeyboardInterrupt):
+            traceback.print_exc(file=sys.stderr)
+        print(line, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

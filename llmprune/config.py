@@ -102,6 +102,10 @@ class CalibConfig:
         batch_size: sequences per forward pass in the layer-by-layer driver.
     """
 
+    #: Bounds on the sizes (the activations they imply are checked against the memory before any work).
+    MAX_NSAMPLES: ClassVar[int] = 1_000_000
+    MAX_SEQLEN: ClassVar[int] = 10_000_000
+
     source: str = "auto"
     dataset_config: str | None = None
     split: str = "train"
@@ -118,6 +122,9 @@ class CalibConfig:
         check_int("seqlen", self.seqlen, minimum=2)
         check_int("seed", self.seed, minimum=0)
         check_int("batch_size", self.batch_size)
+        for name, limit in (("nsamples", self.MAX_NSAMPLES), ("seqlen", self.MAX_SEQLEN), ("batch_size", self.MAX_NSAMPLES)):
+            if getattr(self, name) > limit:
+                raise ConfigError(f"{name} must be at most {limit:,}, got {getattr(self, name):,}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

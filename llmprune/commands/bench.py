@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from llmprune.commands.common import add_model_arguments
+from llmprune.commands.common import (
+    add_model_arguments,
+    check_output_file,
+    recording_dir,
+    write_output_file,
+)
 from llmprune.errors import ConfigError
 from llmprune.evaluate.bench import bench, format_bench
 from llmprune.evaluate.results import is_checkpoint_dir, record_results
 from llmprune.formats.checkpoint import read_metadata
+from llmprune.formats.metadata import resolve_base_model
 from llmprune.runtime.options import add_runtime_arguments, resolve_runtime, runtime_from_args
 
 NAME = "bench"
@@ -33,13 +38,15 @@ def _baseline(model: str | None, baseline: str) -> str | None:
     """``--baseline`` -> a model reference or None (``auto``: the checkpoint's base_model, if any)."""
     if baseline == "auto":
         meta = read_metadata(model) if is_checkpoint_dir(model) else None
-        return (meta or {}).get("base_model")
+        return resolve_base_model(model, meta) if (meta or {}).get("base_model") else None  # relative to the checkpoint
     return None if baseline.lower() == "none" else baseline
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    json_out = check_output_file(args.json, "--json")
+    record = is_checkpoint_dir(args.model) and not args.no_record and recording_dir(args.model)
     runtime = resolve_runtime(args.model, runtime_from_args(args))
     result = bench(
         args.model, _baseline(args.model, args.baseline), runtime=runtime, batches=[1, args.batch_size],
@@ -47,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats, trust_remote_code=args.trust_remote_code,
     )
     print(format_bench(result))
-    if is_checkpoint_dir(args.model) and not args.no_record:
+    if record:
         path = record_results(args.model, "bench", dict(result))
         print(f"results recorded in {path}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if json_out is not None:
+        write_output_file(json_out, json.dumps(result, indent=2) + "\n")
     return 0

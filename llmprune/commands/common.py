@@ -1,8 +1,21 @@
-"""Arguments shared by several subcommands."""
+"""Arguments and checks shared by several subcommands.
+
+Files a command writes are checked before any work (:func:`check_output_file`, :func:`recording_dir`), so a
+long evaluation never ends in a failed write.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from llmprune.errors import ConfigError, LlmpruneError
+from llmprune.evaluate.results import RESULTS_FILE, read_results
+
+log = logging.getLogger(__name__)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, positional_help: str) -> None:
@@ -12,3 +25,102 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, positional_help: str
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow custom model code from the Hub (off by default)"
     )
+
+
+def dir_writable(directory: Path) -> str | None:
+    """None when a file can be created in the existing directory ``directory`` (a probe file is created and
+    removed, as for checkpoint outputs), else the reason."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".llmprune-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def check_output_file(path: str | os.PathLike | None, flag: str) -> Path | None:
+    """A results file given by ``flag`` (``--json FILE``), checked before any work: not a directory, and
+    writable: an existing file opens for writing, or the nearest existing directory above it accepts a new
+    file (missing directories are created by :func:`write_output_file`).
+
+    Raises:
+        ConfigError: naming the flag, the path and why.
+    """
+    if path is None:
+        return None
+    if not str(path).strip():
+        raise ConfigError(f"{flag}: empty file name")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file name")
+    if p.exists():
+        try:
+            with open(p, "a"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{flag} {path} is not writable ({exc.strerror or exc})") from None
+        return p
+    anc = p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"{flag} {path}: {anc} is not a directory")
+    reason = dir_writable(anc)
+    if reason is not None:
+        raise ConfigError(f"{flag} {path}: cannot create files in {anc} ({reason})")
+    return p
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """A directory a command will write into (created if missing), checked before any work: it, or the
+    nearest existing directory above it, accepts a new file.
+
+    Raises:
+        ConfigError: naming ``what``, the path and why.
+    """
+    p = Path(path).expanduser()
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"{what} {path}: {anc} is not a directory")
+    reason = dir_writable(anc)
+    if reason is not None:
+        raise ConfigError(f"{what} {path}: cannot create files in {anc} ({reason})")
+    return p
+
+
+def write_output_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (checked by :func:`check_output_file`), creating missing directories."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def recording_dir(directory: str | os.PathLike) -> bool:
+    """Whether results can be merged into checkpoint ``directory``'s ``eval_results.json``, decided before any
+    work: False (with one warning; the results are still printed) when the directory is not writable or its
+    ``eval_results.json`` cannot be read."""
+    d = Path(directory).expanduser()
+    reason = dir_writable(d)
+    if reason is None:
+        try:
+            read_results(d)
+        except LlmpruneError as exc:
+            reason = f"{exc}; fix or delete it"
+    if reason is not None:
+        log.warning("results will not be recorded in %s: %s", d / RESULTS_FILE, reason)
+        return False
+    return True
+
+
+def check_recording_dir(directory: str | os.PathLike, flag: str) -> None:
+    """Like :func:`recording_dir` for a directory the user named (``--baseline-of DIR``): an error instead."""
+    d = Path(directory).expanduser()
+    reason = dir_writable(d)
+    if reason is not None:
+        raise ConfigError(f"{flag} {directory}: cannot record results there ({reason})")
+    try:
+        read_results(d)
+    except LlmpruneError as exc:
+        raise ConfigError(f"{flag} {directory}: {exc}; fix or delete it") from None

@@ -13,9 +13,9 @@ from pathlib import Path
 from llmprune.api import compress
 from llmprune.commands.common import add_model_arguments
 from llmprune.config import CalibConfig, Recipe, SaveConfig, build
-from llmprune.errors import ConfigError
+from llmprune.errors import ConfigError, LlmpruneError
 from llmprune.prune.registry import available_methods, get_method, method_for_config
-from llmprune.publish.hub import check_repo_id, push
+from llmprune.publish.hub import check_push, check_repo_id, push
 from llmprune.recipe import load_recipe
 
 NAME = "compress"
@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-dir", default=None, metavar="DIR", help="where activations spilled to disk go")
     p.add_argument("--dist-reduce", default="exact", choices=("exact", "sum"),
                    help="torchrun runs: exact (bit-identical to one process, default) or sum (one all-reduce)")
+    p.add_argument("--record-paths", default="relative", choices=("relative", "absolute"),
+                   help="how llmprune.json records local paths (base model, calibration file, command): relative "
+                        "to the output directory (default; no user name or directory layout) or absolute")
 
 
 def _stage_flags(args: argparse.Namespace, method=None) -> dict:
@@ -124,7 +127,8 @@ def default_output(model: str | None, recipe: Recipe) -> Path:
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     if args.push_to_hub:
-        check_repo_id(args.push_to_hub)  # before any work
+        # Before any work: repo id, token, Hub reachable (rank 0 uploads; one whoami call, not one per rank).
+        (check_push if int(os.environ.get("RANK", "0")) == 0 else check_repo_id)(args.push_to_hub)
     output = Path(args.output) if args.output else default_output(args.model, recipe)
     result = compress(
         args.model,
@@ -138,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         offload_dir=args.offload_dir,
         dist_reduce=args.dist_reduce,
+        record_paths=args.record_paths,
         progress=not args.quiet,
         trust_remote_code=args.trust_remote_code,
         command=shlex.join(["llmprune", *sys.argv[1:]]),
@@ -148,5 +153,9 @@ def run(args: argparse.Namespace) -> int:
     print(result.report.table())
     print(f"saved {result.metadata.get('format', recipe.save.format)} checkpoint to {result.output} ({size / 2**20:.1f} MiB)")
     if args.push_to_hub:
-        print(f"pushed to {push(result.output, args.push_to_hub, private=args.private)}")
+        try:
+            print(f"pushed to {push(result.output, args.push_to_hub, private=args.private)}")
+        except LlmpruneError as exc:  # the checkpoint is saved: say how to retry only the upload
+            raise LlmpruneError(f"{exc}; the checkpoint is saved: retry with `llmprune push {result.output} "
+                                f"--repo {args.push_to_hub}`") from None
     return 0

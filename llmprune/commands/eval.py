@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from llmprune.commands.common import add_model_arguments
+from llmprune.commands.common import (
+    add_model_arguments,
+    check_output_file,
+    recording_dir,
+    write_output_file,
+)
 from llmprune.config import RuntimeConfig
 from llmprune.errors import ConfigError
 from llmprune.evaluate.lm_eval import (
@@ -20,6 +24,7 @@ from llmprune.evaluate.lm_eval import (
 )
 from llmprune.evaluate.results import is_checkpoint_dir, record_results
 from llmprune.formats.checkpoint import read_metadata
+from llmprune.formats.metadata import resolve_base_model
 from llmprune.model.device import resolve_device
 from llmprune.model.loading import load_tokenizer
 from llmprune.runtime.load import load_model
@@ -72,7 +77,7 @@ def baseline_ref(model: str | None, baseline: str) -> str:
     meta = read_metadata(model) if is_checkpoint_dir(model) else None
     if not meta or not meta.get("base_model"):
         raise ConfigError("--baseline without a value needs an llmprune checkpoint directory (its base_model)")
-    return meta["base_model"]
+    return resolve_base_model(model, meta)  # a relative base_model is relative to the checkpoint, not the cwd
 
 
 def write_tasks(data_dir: str | None, out_dir: str) -> int:
@@ -94,11 +99,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.tasks:
         raise ConfigError("--tasks is required (e.g. --tasks arc_easy,hellaswag,piqa)")
     batch_size = _batch_size(args.batch_size)
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    output = check_output_file(args.output, "--output")
     runtime = resolve_runtime(args.model, runtime_from_args(args))
     device = resolve_device(args.device)
     base = baseline_ref(args.model, args.baseline) if args.baseline else None
     runs = [(args.model, False)] + ([(base, True)] if base else [])
-    record = is_checkpoint_dir(args.model) and not args.no_record
+    record = is_checkpoint_dir(args.model) and not args.no_record and recording_dir(args.model)
     full = {}
     for ref, is_base in runs:
         tokenizer = load_tokenizer(ref, args.trust_remote_code)
@@ -120,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
         del model
     if record:
         print(f"results recorded in {path}")
-    if args.output:
+    if output is not None:
         payload = full["model"] if not base else full
-        Path(args.output).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        write_output_file(output, json.dumps(payload, indent=2, default=str) + "\n")
         print(f"lm-eval results written to {args.output}")
     return 0

@@ -10,6 +10,7 @@ import torch
 
 from llmprune.commands.common import add_model_arguments
 from llmprune.errors import ConfigError
+from llmprune.evaluate.bench import cache_argument
 from llmprune.model.device import resolve_device
 from llmprune.model.loading import load_tokenizer
 from llmprune.runtime.load import load_model
@@ -35,8 +36,14 @@ def _prompts(args: argparse.Namespace, tokenizer) -> list[str]:
         return list(args.prompt)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("--chat: this tokenizer has no chat template")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in args.prompt]
+    from jinja2.exceptions import TemplateError  # SecurityError (sandbox), syntax errors, raise_exception()
+
+    try:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True) for p in args.prompt]
+    except TemplateError as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(f"--chat: the tokenizer's chat template failed ({type(exc).__name__}: {msg[:300]})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    empty = [i for i, n in enumerate(enc.attention_mask.sum(-1).tolist()) if n == 0]
+    if empty:
+        raise ConfigError(f"--prompt {args.prompt[empty[0]]!r}: no tokens to start from (give some text)")
     cache = runtime_setup(model).cache(len(prompts))
     torch.manual_seed(args.seed)
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tokenizer.pad_token_id)
@@ -60,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     t0 = time.perf_counter()
+    if cache is not None:  # under the name this transformers takes (no FutureWarning about past_key_values)
+        gen_kwargs[cache_argument(model)] = cache
     with torch.no_grad():
-        out = model.generate(**enc, past_key_values=cache, **gen_kwargs)
+        out = model.generate(**enc, **gen_kwargs)
     seconds = time.perf_counter() - t0
     new = out[:, enc.input_ids.shape[1]:]
     for i, text in enumerate(tokenizer.batch_decode(new, skip_special_tokens=True)):

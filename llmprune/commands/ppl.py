@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
-from llmprune.commands.common import add_model_arguments
+from llmprune.commands.common import (
+    add_model_arguments,
+    check_output_file,
+    check_recording_dir,
+    recording_dir,
+    write_output_file,
+)
 from llmprune.errors import ConfigError
 from llmprune.evaluate.perplexity import perplexity, perplexity_with_cache, token_stream, wikitext2_text
-from llmprune.evaluate.results import record_ppl
+from llmprune.evaluate.results import is_checkpoint_dir, record_ppl
 from llmprune.model.device import resolve_device
 from llmprune.model.loading import load_tokenizer
 from llmprune.runtime.load import load_model
@@ -39,15 +44,33 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-windows must be >= 1, got {args.max_windows}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.baseline_of is not None:
+        if not is_checkpoint_dir(args.baseline_of):
+            raise ConfigError(f"--baseline-of {args.baseline_of} is not a checkpoint directory")
+        check_recording_dir(args.baseline_of, "--baseline-of")
+
+
+def _record_target(args: argparse.Namespace) -> str | None:
+    """Where the result will be stored (decided before any work), or None."""
+    if args.baseline_of is not None:
+        return args.baseline_of
+    if is_checkpoint_dir(args.model) and recording_dir(args.model):
+        return args.model
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
+    json_out = check_output_file(args.json, "--json")
     runtime = resolve_runtime(args.model, runtime_from_args(args))
     kv = runtime.kv_cache_settings()
     if kv is not None and runtime.attn_enabled:
         raise ConfigError("--kv-sparsity cannot be combined with attention gates")
-    text = wikitext2_text(args.data_path)
+    target = _record_target(args) if kv is None and not runtime.attn_enabled else None
+    try:
+        text = wikitext2_text(args.data_path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--data-path {args.data_path} is not a UTF-8 text file (byte {exc.start})") from None
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     model = load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code,
@@ -70,13 +93,13 @@ def run(args: argparse.Namespace) -> int:
     if kv is not None:
         print(f"bitmap KV cache K {res.k_sparsity:g} / V {res.v_sparsity:g}, window {res.kv_window}: cache bytes "
               f"{res.bytes_ratio:.1%} of dense ({res.bytes_ratio_16bit:.1%} for a 16-bit cache)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, **res.to_dict()}, indent=2) + "\n")
+    if json_out is not None:
+        write_output_file(json_out, json.dumps({"model": args.model, **res.to_dict()}, indent=2) + "\n")
     if kv is not None or gates_rt is not None:  # not the checkpoint's plain perplexity: not recorded as such
         log.info("not recorded in eval_results.json: runtime features active (%s)",
                  ", ".join(runtime_setup(model).features))
         return 0
-    stored = record_ppl(args.model, res.to_dict(), args.data_path, baseline_of=args.baseline_of)
+    stored = record_ppl(args.model, res.to_dict(), args.data_path, baseline_of=args.baseline_of) if target else None
     if stored:
         print(f"result recorded in {stored}")
     return 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
 
 from llmprune.calibration.data import load_calibration
-from llmprune.commands.common import add_model_arguments
+from llmprune.commands.common import add_model_arguments, check_output_dir
 from llmprune.config import CalibConfig, RuntimeConfig
 from llmprune.errors import ConfigError
 from llmprune.model.device import resolve_device
@@ -46,6 +47,13 @@ def run(args: argparse.Namespace) -> int:
     RuntimeConfig(attn_sparsity=args.attn_sparsity)  # validated as at run time: the default the gates load with
     if args.gate_dim < 2 or args.gate_dim % 2:
         raise ConfigError(f"--gate-dim must be an even number >= 2, got {args.gate_dim}")
+    if args.block_size < 16 or args.block_size & (args.block_size - 1):
+        raise ConfigError(f"--block-size must be a power of two >= 16, got {args.block_size}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise ConfigError(f"--lr must be a positive number, got {args.lr}")
+    CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)  # checked now
     ref = args.model or DEFAULT_MODEL
     local = Path(ref).expanduser()
     if args.output:
@@ -56,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         output = Path(f"./{Path(ref).name}-gates")
     if (output / GATES_FILE).exists() and not args.overwrite:
         raise ConfigError(f"{output / GATES_FILE} already exists (pass --overwrite to replace it)")
+    check_output_dir(output, "cannot write the gates to")  # before training, not after
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(ref, args.trust_remote_code)
     model = load_model(ref, dtype=args.dtype, trust_remote_code=args.trust_remote_code, gates=False)

@@ -1,7 +1,8 @@
 """The streaming engine's model: a meta-device skeleton whose tensors are materialized a layer at a time.
 
 :func:`build_skeleton` builds the model on the meta device (``accelerate.init_empty_weights``: no memory);
-:func:`plan_output` checks it against the checkpoint and lays out the output (tensor names, shapes, dtypes, the
+:func:`plan_output` checks it against the checkpoint (names, shapes, dtypes; tensors are checked for NaN/inf
+as they are read) and lays out the output (tensor names, shapes, dtypes, the
 keys of each decoder layer). :func:`load_tensors` materializes tensors from the source and :func:`to_meta`
 returns them to the meta device once written.
 """
@@ -18,8 +19,10 @@ import torch
 from torch import nn
 
 from llmprune.engine.source import SafetensorsSource
+from llmprune.errors import LlmpruneError
+from llmprune.formats.reading import dtype_compatible, first_line, preview
 from llmprune.model.access import decoder_layers, decoder_layers_path
-from llmprune.model.loading import parse_dtype
+from llmprune.model.loading import load_config, parse_dtype
 
 
 @dataclasses.dataclass
@@ -61,9 +64,9 @@ def build_skeleton(path: Path, dtype: str | torch.dtype, trust_remote_code: bool
         ``(model, config, dtype)``.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = load_config(path, trust_remote_code)
     torch_dtype = parse_dtype(dtype)
     if torch_dtype == "auto":
         torch_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -73,15 +76,26 @@ def build_skeleton(path: Path, dtype: str | torch.dtype, trust_remote_code: bool
             src = SafetensorsSource(path)
             floats = [src.get(k).dtype for k in src.keys()[:1]]
             torch_dtype = floats[0] if floats and floats[0].is_floating_point else torch.float32
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except LlmpruneError:
+        raise
+    except Exception as exc:  # a config transformers reads but cannot build (bad sizes, unknown classes)
+        raise LlmpruneError(f"cannot build the model of {path} from its config: {first_line(exc)}") from None
     model.eval()
     model.tie_weights()
     return model, config, torch_dtype
 
 
-def plan_output(model: nn.Module, path: Path, torch_dtype: torch.dtype, src: SafetensorsSource) -> Plan | str:
-    """Output layout of the skeleton ``model``, or the reason the checkpoint cannot be streamed."""
+def plan_output(model: nn.Module, path: Path, torch_dtype: torch.dtype, src: SafetensorsSource) -> Plan:
+    """Output layout of the skeleton ``model``, checked against the checkpoint's headers.
+
+    Raises:
+        LlmpruneError: when the checkpoint lacks tensors of the model, holds tensors the model does not have,
+            or a tensor's shape differs or its dtype cannot be cast (an integer tensor for a float parameter);
+            the message names up to 3 tensors and the count.
+    """
     sd = model.state_dict(keep_vars=True)
     seen: dict[int, str] = {}
     keys = []
@@ -93,10 +107,25 @@ def plan_output(model: nn.Module, path: Path, torch_dtype: torch.dtype, src: Saf
     available = set(src.keys())
     missing = [k for k in keys if k not in available]
     if missing:
-        return f"checkpoint keys differ from the model's (missing e.g. {missing[0]})"
-    for k in keys:
-        if src.shape(k) != tuple(sd[k].shape):
-            return f"{k}: checkpoint shape {src.shape(k)} != model {tuple(sd[k].shape)}"
+        raise LlmpruneError(f"{path}: checkpoint lacks {preview(missing)} of the model")
+    model_names = set(sd)
+    ignore = _ignored_unexpected(model)
+    unexpected = [k for k in src.keys() if k not in model_names and not (ignore and ignore.search(k))]
+    if unexpected:
+        raise LlmpruneError(f"{path}: checkpoint holds {preview(unexpected)} the model does not have")
+    bad_shape = [k for k in keys if src.shape(k) != tuple(sd[k].shape)]
+    if bad_shape:
+        k = bad_shape[0]
+        raise LlmpruneError(
+            f"{path}: wrong shape for {preview(bad_shape)} ({k + ': ' if len(bad_shape) > 1 else ''}checkpoint {src.shape(k)}, model {tuple(sd[k].shape)})"
+        )
+    bad_dtype = [k for k in keys if not dtype_compatible(src.dtype(k), sd[k].dtype)]
+    if bad_dtype:
+        k = bad_dtype[0]
+        raise LlmpruneError(
+            f"{path}: incompatible dtype for {preview(bad_dtype)} ({k + ' is ' if len(bad_dtype) > 1 else ''}stored as {src.dtype(k)}, the model's "
+            f"is {str(sd[k].dtype).removeprefix('torch.')}; integer and float tensors are not cast into each other)"
+        )
     prefix = decoder_layers_path(model)
     n_layers = len(decoder_layers(model))
     layer_keys: list[list[str]] = [[] for _ in range(n_layers)]
@@ -107,6 +136,18 @@ def plan_output(model: nn.Module, path: Path, torch_dtype: torch.dtype, src: Saf
         (layer_keys[int(m.group(1))] if m else other).append(k)
     return Plan(path, model.config, torch_dtype, keys, {k: tuple(sd[k].shape) for k in keys},
                 {k: sd[k].dtype for k in keys}, layer_keys, other, prefix)
+
+
+def _ignored_unexpected(model: nn.Module) -> re.Pattern | None:
+    """Checkpoint names transformers drops silently for this model (``_keys_to_ignore_on_load_unexpected``,
+    stale ``rotary_emb.inv_freq`` / ``position_ids`` buffers)."""
+    pats = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffers = [n for n, _ in model.named_buffers()]
+    if any(n.endswith("rotary_emb.inv_freq") for n in buffers):
+        pats.add(r"rotary_emb\.inv_freq")
+    if any(n.endswith("position_ids") for n in buffers):
+        pats.add(r"(^|\.)position_ids$")
+    return re.compile("|".join(f"({p})" for p in pats)) if pats else None
 
 
 def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -129,11 +170,19 @@ def to_meta(root: nn.Module, names: list[str]) -> None:
 
 
 def load_tensors(model: nn.Module, keys: list[str], src: SafetensorsSource, plan: Plan, device: torch.device | str) -> None:
-    """Materialize tensors ``keys`` of ``model`` on ``device`` from the source, in the planned dtypes."""
+    """Materialize tensors ``keys`` of ``model`` on ``device`` from the source, in the planned dtypes.
+
+    Raises:
+        LlmpruneError: when a stored tensor's dtype cannot be cast to the planned one, or it holds NaN/inf
+            (:meth:`SafetensorsSource.get`).
+    """
     for k in keys:
+        t = src.get(k)
+        if not dtype_compatible(t.dtype, plan.dtypes[k]):
+            raise LlmpruneError(f"{plan.path}: tensor {k!r} is stored as {t.dtype}, the model's is {plan.dtypes[k]}")
         # copy=True: safetensors may hand out tensors backed by its private file mapping; pruning them in place
         # would turn the mapped pages into anonymous copy-on-write memory that lives as long as the mapping.
-        set_tensor(model, k, src.get(k).to(device=device, dtype=plan.dtypes[k], copy=True))
+        set_tensor(model, k, t.to(device=device, dtype=plan.dtypes[k], copy=True))
     if any(k in plan.other_keys for k in keys):
         model.tie_weights()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -28,7 +28,13 @@ from llmprune.calibration.distributed import (
     owned_batches,
 )
 from llmprune.config import CalibConfig, Recipe
-from llmprune.engine.activations import HiddenStore, store_mode
+from llmprune.engine.activations import (
+    HiddenStore,
+    available_ram,
+    batch_shapes,
+    check_activation_memory,
+    store_mode,
+)
 from llmprune.engine.options import SimulatedInterruption, StreamOptions, parse_size
 from llmprune.engine.plan import (
     build_skeleton,
@@ -38,21 +44,60 @@ from llmprune.engine.plan import (
     release_freed_memory,
     to_meta,
 )
-from llmprune.engine.resume import RunState, WorkDir, commit, fingerprint, start_or_resume
+from llmprune.engine.resume import (
+    RunLock,
+    RunState,
+    WorkDir,
+    commit,
+    fingerprint,
+    finished_output,
+    hidden_spec,
+    relative_source,
+    remove_work_dir,
+    resolve_hidden,
+    start_or_resume,
+)
 from llmprune.engine.source import SafetensorsSource
-from llmprune.engine.step import prune_layer
+from llmprune.engine.step import check_stages, prune_layer
 from llmprune.errors import ConfigError, LlmpruneError
-from llmprune.formats.checkpoint import METADATA_FILE, move_into_place
+from llmprune.formats.checkpoint import METADATA_FILE, move_into_place, read_metadata
 from llmprune.formats.metadata import build_metadata
+from llmprune.formats.reading import load_torch
 from llmprune.formats.shards import ShardWriter
 from llmprune.model.access import DEFAULT_IGNORE, decoder_layers, matches_any
 from llmprune.model.device import to_device
-from llmprune.model.loading import DEFAULT_MODEL, load_tokenizer
+from llmprune.model.loading import ALIASES, load_tokenizer
 from llmprune.model.network import hub_reachable
 from llmprune.prune.registry import method_for_config
 from llmprune.prune.report import CompressResult, PruneReport
 
 log = logging.getLogger(__name__)
+
+
+def model_is_path(ref: str | os.PathLike | None) -> bool:
+    """Whether a model reference names a local directory (not an alias or a Hub id), as resolved by
+    :func:`llmprune.model.loading.resolve_model` (aliases first)."""
+    return ref is not None and str(ref).lower() not in ALIASES and Path(ref).expanduser().exists()
+
+
+def hidden_size(config) -> int | None:
+    """Width of the hidden states between decoder layers, from a ``transformers`` config."""
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _load_saved(path: Path, what: str, work: WorkDir):
+    """A torch file this run saved, read with :func:`~llmprune.formats.reading.load_torch` (``weights_only``);
+    a missing or damaged one is one clear error."""
+    if not path.is_file():
+        raise LlmpruneError(f"{what} of the interrupted run is missing ({path}); {work.hint()}")
+    try:
+        return load_torch(path, map_location="cpu")
+    except LlmpruneError as exc:
+        raise LlmpruneError(f"{what}: {exc}; {work.hint()}") from None
 
 
 class StreamingRun:
@@ -76,9 +121,17 @@ class StreamingRun:
         if isinstance(plan, str):
             raise ConfigError(f"cannot stream {path}: {plan}")
         self.plan = plan
-        self.tokenizer = load_tokenizer(str(path), trust_remote_code)
+        check_stages(self.model, [self.stage])  # --ignore patterns and N:M shapes, before any work
         self.work = WorkDir.of(output)
         self.shard_size = parse_size(options.max_shard_size)
+        if self.method.needs_calibration and not (options.resume and self.work.state.is_file()):
+            cal, hidden = recipe.calibration, hidden_size(self.plan.config)
+            seqlen = min(cal.seqlen, getattr(self.plan.config, "max_position_embeddings", None) or cal.seqlen)
+            if hidden is not None:
+                disk = resolve_hidden(self.work, hidden_spec(output, options.offload_dir), options.offload_dir)
+                check_activation_memory(cal.nsamples, seqlen, hidden, self.dtype, device=device, streaming=True,
+                                        disk_dir=disk)
+        self.tokenizer = load_tokenizer(str(path), trust_remote_code)
         # Set by run():
         self.calib_cfg: CalibConfig | None = None
         self.n_batches = 0  # calibration batches over all ranks
@@ -86,50 +139,93 @@ class StreamingRun:
         self.extra: LayerInputs | None = None  # their layer arguments besides the hidden states
         self.store: HiddenStore | None = None
 
-    def run(self, model_ref: str | None, *, command: str | None, overwrite: bool, progress: bool) -> CompressResult:
-        """Prune every layer (from the last committed one when resuming), then write the checkpoint."""
+    def run(self, model_ref: str | None, *, command: str | None, overwrite: bool, progress: bool,
+            record_paths: str = "relative") -> CompressResult:
+        """Prune every layer (from the last committed one when resuming), then write the checkpoint.
+
+        Args:
+            model_ref: the model as the user named it (recorded in the metadata; None: the source directory).
+        """
         ctx, opts = self.ctx, self.opts
         fp = fingerprint(self.path, self.recipe, self.dtype, ctx.world, opts.dist_reduce, self.shard_size)
-        resumed = start_or_resume(self.work, fp, resume=opts.resume, ctx=ctx)
+        lock = RunLock(self.work.lock) if ctx.is_main else None
+        try:
+            resumed, hidden_dir = start_or_resume(self.work, fp, resume=opts.resume, ctx=ctx,
+                                                  n_layers=len(self.plan.layer_keys), output=self.output,
+                                                  offload_dir=opts.offload_dir, lock=lock)
+            if resumed is not None and resumed.next_layer == resumed.n_layers and finished_output(self.output):
+                return self._already_done(resumed, hidden_dir)
+            return self._run(resumed, hidden_dir, fp, model_ref, command=command, overwrite=overwrite,
+                             progress=progress, record_paths=record_paths)
+        finally:
+            if lock is not None:
+                lock.release()
+            self.src.close()
+
+    def _run(self, resumed: RunState | None, hidden_dir: Path, fp: str, model_ref: str | None, *,
+             command: str | None, overwrite: bool, progress: bool, record_paths: str) -> CompressResult:
+        ctx, opts = self.ctx, self.opts
         state = resumed if resumed is not None else RunState(fp, len(self.plan.layer_keys))
-        if resumed is not None:
-            hidden_dir = Path(resumed.hidden_dir)
-        elif opts.offload_dir:
-            hidden_dir = Path(opts.offload_dir) / f"{self.output.name}.hidden"
-        else:
-            hidden_dir = self.work.root / "hidden"
         calib = self._calibration_ids(resumed)
         writer = self._open_writer(resumed is not None)
         if calib is not None:
             self._first_inputs(calib, resumed, hidden_dir, state.next_layer)
-        state.calibration = self.calib_cfg.to_dict()
-        state.store = self.store.mode if self.store else None
-        state.hidden_dir = str(hidden_dir)
+            state.calibration = relative_source(self.calib_cfg.to_dict(), self.work)
+            state.store = self.store.mode
+            state.hidden = hidden_spec(self.output, opts.offload_dir) if resumed is None else resumed.hidden
         if resumed is None:
             commit(self.work, state, ctx)
         self._prune_layers(state, writer, progress)
+        if opts.stop_after is not None and state.n_layers - (resumed.next_layer if resumed else 0) >= opts.stop_after:
+            raise SimulatedInterruption("stopped after the last layer, before the checkpoint was moved into place")
         report = PruneReport(state.reports, state.seconds)
         metadata = build_metadata(
-            base_model=model_ref or DEFAULT_MODEL, recipe=self.recipe,
+            base_model=model_ref if model_ref is not None else str(self.path), recipe=self.recipe,
             calibration=self.calib_cfg if calib is not None else None, report=report, dtype=self.dtype,
             command=command, format=self.recipe.save.format,
             engine={"streaming": True, "world_size": ctx.world, "dist_reduce": opts.dist_reduce if ctx.enabled else None},
+            output=self.output, record_paths=record_paths,
+            base_is_path=model_is_path(model_ref) if model_ref is not None else True,
         )
         if ctx.is_main:
             writer.finish()
             self._finalize(metadata, overwrite, hidden_dir)
             log.info("streamed checkpoint to %s in %.1fs", self.output, time.perf_counter() - self.t_start)
         ctx.barrier()
-        self.src.close()
         return CompressResult(self.output, report, metadata)
+
+    def _already_done(self, state: RunState, hidden_dir: Path) -> CompressResult:
+        """``--resume`` of a run interrupted after its checkpoint was moved into place: only clean up."""
+        log.info("%s was already complete; removing what the interrupted run left in %s", self.output, self.work.root)
+        metadata = read_metadata(self.output) or {}
+        if self.ctx.is_main:
+            remove_work_dir(self.work, hidden_dir)
+        self.ctx.barrier()
+        return CompressResult(self.output, PruneReport(state.reports, state.seconds), metadata)
 
     def _calibration_ids(self, resumed: RunState | None) -> torch.Tensor | None:
         """``[nsamples, seqlen]`` calibration ids on every rank (rank 0 loads them; saved for ``--resume``)."""
-        ctx, calib = self.ctx, None
+        ctx, calib, error = self.ctx, None, None
         if resumed is not None:
-            if ctx.is_main and self.work.calib.is_file():
-                calib = torch.load(self.work.calib, weights_only=True)
-            self.calib_cfg = CalibConfig(**resumed.calibration)
+            if (resumed.calibration is not None) != self.method.needs_calibration:
+                raise LlmpruneError(f"{self.work.state} does not match the method {self.method.name!r} "
+                                    f"(calibration {'recorded' if resumed.calibration else 'missing'}); "
+                                    f"{self.work.hint()}")
+            if resumed.calibration is not None:
+                # the source as the current command names it (the fingerprint says it is the same file)
+                self.calib_cfg = CalibConfig(**{**resumed.calibration, "source": self.recipe.calibration.source})
+            else:
+                self.calib_cfg = self.recipe.calibration
+            if ctx.is_main and resumed.calibration is not None:
+                try:
+                    calib = _load_saved(self.work.calib, "calibration data", self.work)
+                    cfg = self.calib_cfg
+                    if not (isinstance(calib, torch.Tensor) and calib.dtype == torch.int64
+                            and tuple(calib.shape) == (cfg.nsamples, cfg.seqlen)):
+                        raise LlmpruneError(f"calibration data {self.work.calib} is not the [{cfg.nsamples}, "
+                                            f"{cfg.seqlen}] token ids state.json describes; {self.work.hint()}")
+                except LlmpruneError as exc:
+                    error = str(exc)
         elif ctx.is_main:
             self.calib_cfg = self.recipe.calibration
             if self.method.needs_calibration:
@@ -137,6 +233,9 @@ class StreamingRun:
                 calib = self._load_calibration()
                 log.info("calibration data: %s in %.1fs", tuple(calib.shape), time.perf_counter() - t_cal)
                 torch.save(calib, self.work.calib)
+        error = broadcast_object(error, ctx)
+        if error:
+            raise LlmpruneError(error)
         self.calib_cfg = broadcast_object(self.calib_cfg, ctx)
         if not broadcast_object(calib is not None, ctx):
             return None
@@ -176,33 +275,56 @@ class StreamingRun:
         return writer
 
     def _first_inputs(self, calib: torch.Tensor, resumed: RunState | None, hidden_dir: Path, start: int) -> None:
-        """This rank's batches and their inputs of layer ``start`` (captured at layer 0, or saved ones)."""
+        """This rank's batches and their inputs of layer ``start`` (captured at layer 0, or saved ones).
+
+        Layer 0's inputs are captured one batch at a time and stored at once, so activations that go to disk
+        are never all in memory together.
+        """
         device, ctx, plan, model = self.device, self.ctx, self.plan, self.model
         batch_size = self.calib_cfg.batch_size
         self.n_batches = math.ceil(calib.shape[0] / batch_size)
         self.mine = owned_batches(self.n_batches, ctx)
-        hidden = None
         if resumed is None:
             keys = plan.other_keys + plan.layer_keys[0]
-            load_tensors(model, keys, self.src, plan, "cpu")
-            local_ids = torch.cat([calib[g * batch_size:(g + 1) * batch_size] for g in self.mine]) if self.mine else None
-            captured = capture_layer_inputs(model, local_ids, device, batch_size) if self.mine else LayerInputs()
+            load_tensors(model, keys, self.src, plan, device)
+            args, kwargs = [], []
+            store = None
+            for g in self.mine:
+                captured = capture_layer_inputs(model, calib[g * batch_size:(g + 1) * batch_size], device, batch_size)
+                t = captured.hidden[0]
+                if store is None:
+                    rows = sum(min(batch_size, calib.shape[0] - b * batch_size) for b in self.mine)
+                    nbytes = rows * t[0].numel() * t.element_size()
+                    nbytes = broadcast_object(nbytes, ctx, 0)
+                    mode = store_mode(nbytes, device, parse_size(self.opts.max_memory), ram=available_ram())
+                    log.info("calibration activations: %.1f MiB on this rank, kept in %s", nbytes / 2**20, mode)
+                    store = HiddenStore(mode, device, hidden_dir, {}, t.dtype)
+                store.add(0, g, t)
+                args.append(captured.args[0])
+                kwargs.append(captured.kwargs[0])
+                del captured, t
+            if store is None:  # a rank without batches still takes part in the broadcast
+                mode = store_mode(broadcast_object(0, ctx, 0), device, parse_size(self.opts.max_memory))
+                store = HiddenStore(mode, device, hidden_dir)
             to_meta(model, keys)
             model.tie_weights()
-            self.extra = LayerInputs([], captured.args, captured.kwargs)
+            self.extra = LayerInputs([], args, kwargs)
             cpu = torch.device("cpu")
-            torch.save({"args": to_device(captured.args, cpu), "kwargs": to_device(captured.kwargs, cpu)},
-                       self.work.inputs(ctx.rank))
-            hidden = dict(zip(self.mine, captured.hidden))
-            del captured
-            nbytes = broadcast_object(sum(t.numel() * t.element_size() for t in hidden.values()), ctx, 0)
-            mode = store_mode(nbytes, device, parse_size(self.opts.max_memory))
-        else:
-            saved = torch.load(self.work.inputs(ctx.rank), weights_only=True)
-            self.extra = LayerInputs([], to_device(saved["args"], device), to_device(saved["kwargs"], device))
-            mode = resumed.store
-        self.store = HiddenStore(mode, device, hidden_dir)
-        self.store.init(start, hidden, self.mine)
+            torch.save({"args": to_device(args, cpu), "kwargs": to_device(kwargs, cpu)}, self.work.inputs(ctx.rank))
+            self.store = store
+            return
+        shapes = batch_shapes(calib.shape[0], batch_size, self.mine, (calib.shape[1], None))
+        self.store = HiddenStore(resumed.store, device, hidden_dir, shapes)
+        if start >= len(plan.layer_keys):  # interrupted after the last layer: nothing left to run
+            self.extra = LayerInputs()
+            return
+        saved = _load_saved(self.work.inputs(ctx.rank), "layer inputs", self.work)
+        if not (isinstance(saved, dict) and isinstance(saved.get("args"), list) and isinstance(saved.get("kwargs"), list)
+                and len(saved["args"]) == len(saved["kwargs"]) == len(self.mine)):
+            raise LlmpruneError(f"layer inputs {self.work.inputs(ctx.rank)} do not match the calibration batches; "
+                                f"{self.work.hint()}")
+        self.extra = LayerInputs([], to_device(saved["args"], device), to_device(saved["kwargs"], device))
+        self.store.init(start, None, self.mine)
 
     def _ignore(self, name: str) -> bool:
         return matches_any(name, self.patterns)
@@ -273,5 +395,4 @@ class StreamingRun:
         if self.output.exists() and not overwrite:
             raise LlmpruneError(f"output {self.output} already exists (pass --overwrite to replace it)")
         move_into_place(ckpt, self.output)
-        shutil.rmtree(self.work.root, ignore_errors=True)
-        shutil.rmtree(hidden_dir, ignore_errors=True)
+        remove_work_dir(self.work, hidden_dir)

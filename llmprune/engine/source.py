@@ -1,22 +1,31 @@
 """Where the streaming engine reads weights from: a safetensors checkpoint directory, memory-mapped.
 
 :class:`SafetensorsSource` hands out one tensor at a time from the memory-mapped files
-(``safetensors.safe_open``), so reading a checkpoint costs no memory beyond the tensors in use;
+(``safetensors.safe_open``), so reading a checkpoint costs no memory beyond the tensors in use; every file is
+checked by :mod:`llmprune.formats.reading` first (headers, index entries inside the directory, finite values);
 :func:`local_safetensors` and :func:`hub_safetensors` find such a directory for a model reference.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from llmprune.errors import LlmpruneError
 from llmprune.formats.checkpoint import read_metadata
+from llmprune.formats.reading import (
+    SAFETENSORS_INDEX,
+    SafetensorsFile,
+    TensorInfo,
+    index_weight_map,
+    is_finite,
+    open_safetensors,
+    preview,
+    read_safetensors_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +38,35 @@ class SafetensorsSource:
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
-        index = self.directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        index = self.directory / SAFETENSORS_INDEX
+        if index.is_file():  # every shard named by the index must stay inside the directory and hold its tensors
+            named = index_weight_map(index)
+            infos: dict[str, TensorInfo] = {}
+            for path in dict.fromkeys(named.values()):
+                if not path.is_file():
+                    raise LlmpruneError(f"{self.directory}: shard {path.name} listed in the index is missing")
+                header = read_safetensors_header(path)
+                infos.update({k: header[k] for k, p in named.items() if p == path and k in header})
+            lacking = [k for k in named if k not in infos]
+            if lacking:
+                raise LlmpruneError(
+                    f"{index}: the shard the index names does not hold {preview(lacking)} "
+                    f"({lacking[0]} -> {named[lacking[0]].name})"
+                )
+            weight_map = {k: str(p.relative_to(self.directory)) for k, p in named.items()}
         else:  # one file: transformers' name (other *.safetensors beside it, e.g. attention gates, are not ours)
             single = self.directory / "model.safetensors"
             files = [single] if single.is_file() else sorted(self.directory.glob("*.safetensors"))
             if not files:
                 raise LlmpruneError(f"no safetensors files in {self.directory}")
-            weight_map = {}
+            weight_map, infos = {}, {}
             for f in files:
-                with safe_open(f, framework="pt") as h:
-                    weight_map.update({k: f.name for k in h.keys()})
+                header = read_safetensors_header(f)
+                weight_map.update(dict.fromkeys(header, f.name))
+                infos.update(header)
         self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, object] = {}
+        self.infos: dict[str, TensorInfo] = infos
+        self._handles: dict[str, SafetensorsFile] = {}
 
     @staticmethod
     def find(directory: str | os.PathLike) -> Path | None:
@@ -57,10 +81,10 @@ class SafetensorsSource:
             return None
         return d
 
-    def _handle(self, key: str):
+    def _handle(self, key: str) -> SafetensorsFile:
         fname = self.weight_map[key]
         if fname not in self._handles:
-            self._handles[fname] = safe_open(self.directory / fname, framework="pt")
+            self._handles[fname] = open_safetensors(self.directory / fname)
         return self._handles[fname]
 
     def keys(self) -> list[str]:
@@ -69,11 +93,22 @@ class SafetensorsSource:
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of tensor ``key`` (read from the header; no data is loaded)."""
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        return self.infos[key].shape
+
+    def dtype(self, key: str) -> str:
+        """Stored dtype of tensor ``key``, in safetensors' spelling (``"BF16"``, ``"I64"``; from the header)."""
+        return self.infos[key].dtype
 
     def get(self, key: str) -> torch.Tensor:
-        """Tensor ``key`` (CPU, the checkpoint's dtype; may be backed by the file mapping)."""
-        return self._handle(key).get_tensor(key)
+        """Tensor ``key`` (CPU, the checkpoint's dtype; may be backed by the file mapping).
+
+        Raises:
+            LlmpruneError: when a floating tensor holds NaN or infinite values (naming it and its file).
+        """
+        t = self._handle(key).get(key)
+        if not is_finite(t):
+            raise LlmpruneError(f"{self.directory / self.weight_map[key]}: tensor {key!r} holds NaN or infinite values")
+        return t
 
     def total_bytes(self) -> int:
         """Size of the checkpoint's safetensors files."""

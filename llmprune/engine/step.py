@@ -8,7 +8,7 @@ activations come from and where the pruned layer goes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 
 import torch
@@ -18,9 +18,102 @@ from llmprune.calibration.collect import collect
 from llmprune.calibration.distributed import Reduction
 from llmprune.calibration.stats import Accumulators, make_accumulator
 from llmprune.config import PruneConfig
-from llmprune.model.access import linear_modules
-from llmprune.prune.registry import Method
+from llmprune.errors import ConfigError, LlmpruneError
+from llmprune.formats.reading import is_finite
+from llmprune.model.access import (
+    DEFAULT_IGNORE,
+    decoder_layers,
+    decoder_layers_path,
+    linear_modules,
+    matches_any,
+)
+from llmprune.prune.registry import Method, method_for_config
 from llmprune.prune.report import ModuleReport
+from llmprune.sparsity import SparsityPattern, check_nm
+
+
+class PruneIntegrityError(RuntimeError):
+    """Internal error: a pruned linear does not have the pattern it was pruned to, or holds NaN/inf values.
+
+    Raised before the layer is written anywhere, so such a model is never saved.
+    """
+
+
+def check_ignore_patterns(model: nn.Module, patterns: Iterable[str]) -> None:
+    """Every user ``--ignore`` pattern matches at least one module of ``model``.
+
+    Raises:
+        ConfigError: naming the first pattern that matches nothing.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    for pat in patterns:
+        if not any(matches_any(n, (pat,)) for n in names):
+            example = next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), names[0] if names else "")
+            raise ConfigError(f"--ignore pattern {pat!r} matches no module of the model (module names look like "
+                              f"{example!r})")
+
+
+def check_nm_shapes(model: nn.Module, pattern: SparsityPattern, ignore: Iterable[str] = ()) -> None:
+    """Every linear of the decoder layers that ``pattern`` (N:M) prunes has an input size divisible by M.
+
+    Works on a meta-device skeleton as well as on a loaded model (only shapes are read).
+
+    Raises:
+        ConfigError: naming the offending modules and their weight shapes.
+    """
+    if not pattern.is_nm:
+        return
+    patterns = DEFAULT_IGNORE + tuple(ignore)
+    prefix = decoder_layers_path(model)
+    bad: dict[tuple[str, tuple[int, int]], int] = {}
+    for idx, layer in enumerate(decoder_layers(model)):
+        for name, mod in linear_modules(layer).items():
+            if matches_any(f"{prefix}.{idx}.{name}", patterns) or mod.in_features % pattern.m == 0:
+                continue
+            key = (name, (mod.out_features, mod.in_features))
+            bad[key] = bad.get(key, 0) + 1
+    if bad:
+        what = ", ".join(f"{name} weight [{o}, {i}] ({i} % {pattern.m} = {i % pattern.m}; {n} layer{'s' * (n > 1)})"
+                         for (name, (o, i)), n in list(bad.items())[:3])
+        raise ConfigError(f"sparsity {pattern} needs the input size of every pruned linear to be a multiple of "
+                          f"{pattern.m}: {what}; choose another N:M or --ignore those modules")
+
+
+def check_stages(model: nn.Module, stages: Sequence[PruneConfig]) -> None:
+    """What can be checked of ``stages`` on ``model``'s structure before any calibration: ``ignore`` patterns
+    match modules, N:M patterns of per-linear methods divide the pruned linears' input sizes."""
+    for stage in stages:
+        check_ignore_patterns(model, stage.ignore)
+    for stage in stages:
+        if method_for_config(stage).kind == "linear":
+            check_nm_shapes(model, stage.sparsity, stage.ignore)
+
+
+def check_finite(targets: Mapping[str, nn.Module], full_name: Callable[[str], str]) -> None:
+    """The weights about to be pruned hold no NaN/inf (such a model would be pruned and saved as garbage).
+
+    Raises:
+        LlmpruneError: naming the first module with non-finite values.
+    """
+    for name, mod in targets.items():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and not is_finite(w):
+            n_bad = int((~torch.isfinite(w)).sum())
+            raise LlmpruneError(f"{full_name(name)}: the weight holds {n_bad} NaN/inf values of {w.numel()}; "
+                                "refusing to prune it (the checkpoint is damaged or was loaded in a dtype too "
+                                "narrow for it)")
+
+
+def verify_pruned(name: str, weight: torch.Tensor, pattern: SparsityPattern | None, method: str) -> None:
+    """A pruned linear's weight is finite and, for N:M, keeps at most N of every M inputs.
+
+    Raises:
+        PruneIntegrityError: an internal error (a method's bug), before anything is written.
+    """
+    if not is_finite(weight):
+        raise PruneIntegrityError(f"internal error: {name} holds NaN/inf values after {method}; nothing was saved")
+    if pattern is not None and pattern.is_nm and not check_nm(weight != 0, pattern.n, pattern.m):
+        raise PruneIntegrityError(f"internal error: {name} is not {pattern} sparse after {method}; nothing was saved")
 
 
 def new_accumulators(method: Method, targets: Mapping[str, nn.Linear], device: torch.device) -> Accumulators:
@@ -58,6 +151,7 @@ def apply_method(
         results = {s: acc.result() for s, acc in stats.get(name, {}).items()}
         new_weight, mask = method.fn(mod.weight.data, results, config)
         mod.weight.data.copy_(new_weight)
+        verify_pruned(f"{prefix}.{idx}.{name}", mod.weight.data, config.sparsity, method.name)
         sparsity = 1.0 - float(mask.sum().item()) / mask.numel()
         secs = time.perf_counter() - t1 + stat_seconds / max(len(targets), 1)
         reports.append(ModuleReport(f"{prefix}.{idx}.{name}", idx, tuple(mod.weight.shape), sparsity, secs, method.name))
@@ -100,8 +194,13 @@ def prune_layer(
 
     Returns:
         One :class:`ModuleReport` per pruned linear.
+
+    Raises:
+        LlmpruneError: a target's weight holds NaN/inf (checked before any statistic or method runs).
+        PruneIntegrityError: a pruned weight is not finite or not of the config's N:M pattern.
     """
     targets = {name: mod for name, mod in linear_modules(layer).items() if not ignore(f"{prefix}.{idx}.{name}")}
+    check_finite(targets, lambda name: f"{prefix}.{idx}.{name}")
     stats: Accumulators = {}
     t0 = time.perf_counter()
     if method.stats:
@@ -116,3 +215,22 @@ def prune_layer(
         if reduce is not None and reduce.finish is not None:
             reduce.finish(stats)
     return apply_method(method, config, targets, stats, prefix, idx, time.perf_counter() - t0)
+
+
+def verify_model(model: nn.Module, stages: Sequence[PruneConfig], modules: Sequence[ModuleReport]) -> None:
+    """Before a checkpoint is written: every reported (pruned) module is finite and, for a single per-linear
+    N:M stage, of that pattern (each stage's pattern is verified right after its method ran, in the step).
+
+    Raises:
+        PruneIntegrityError: an internal error; the checkpoint must not be written.
+    """
+    single = len(stages) == 1 and method_for_config(stages[0]).kind == "linear"
+    pattern = stages[0].sparsity if single else None
+    for rep in {m.name: m for m in modules}.values():
+        try:
+            mod = model.get_submodule(rep.name)
+        except AttributeError:
+            continue
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor):
+            verify_pruned(rep.name, w.data, pattern, rep.method)

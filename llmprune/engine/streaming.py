@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from llmprune.calibration.distributed import REDUCTIONS, env_world_size, setup
 from llmprune.config import Recipe
+from llmprune.engine.activations import available_ram as _available_ram
 from llmprune.engine.options import SimulatedInterruption, StreamOptions, parse_size
+from llmprune.engine.resume import finished_output
 from llmprune.engine.run import StreamingRun
 from llmprune.engine.source import SafetensorsSource, hub_safetensors, local_safetensors
 from llmprune.errors import ConfigError
@@ -44,6 +48,8 @@ from llmprune.prune.report import CompressResult
 __all__ = [
     "SimulatedInterruption",
     "StreamOptions",
+    "check_offload_dir",
+    "check_stream_options",
     "compress_streaming",
     "parse_size",
     "unsupported_reason",
@@ -53,17 +59,69 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _available_ram() -> int:
+def _within(path: Path, other: Path) -> bool:
+    return path == other or other in path.parents
+
+
+def check_offload_dir(
+    offload_dir: str | os.PathLike | None, *, inputs: Iterable[str | os.PathLike] = (), output: str | os.PathLike | None = None
+) -> Path | None:
+    """``--offload-dir`` must be a directory that exists or can be created, writable, and neither inside an input
+    (the model directory) nor inside the output. Nothing is created.
+
+    Returns:
+        The directory (``~`` expanded), or None when not given.
+
+    Raises:
+        ConfigError: naming the directory and what is wrong with it.
+    """
+    if offload_dir is None:
+        return None
+    if not str(offload_dir).strip():
+        raise ConfigError("--offload-dir must be a directory, got an empty string")
+    d = Path(offload_dir).expanduser()
+    resolved = d.resolve()
+    for ref in inputs:
+        p = Path(ref).expanduser()
+        if p.is_dir() and _within(resolved, p.resolve()):
+            raise ConfigError(f"--offload-dir {offload_dir} is inside the input {ref}; choose a directory outside it")
+    if output is not None and _within(resolved, Path(output).expanduser().resolve()):
+        raise ConfigError(f"--offload-dir {offload_dir} is inside the output {output}; choose a directory outside it")
+    anc = d
+    while not anc.exists() and not anc.is_symlink() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        what = "is not a directory" if anc == d else f"cannot be created ({anc} is not a directory)"
+        raise ConfigError(f"--offload-dir {offload_dir} {what}")
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+        fd, probe = tempfile.mkstemp(prefix=".llmprune-probe-", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = "" if anc == d else f" ({anc} is not writable)"
+        raise ConfigError(f"--offload-dir {offload_dir} is not writable{where}: {exc.strerror}") from None
+    return d
+
+
+def check_stream_options(opts: StreamOptions, *, inputs: Iterable[str | os.PathLike] = (),
+                         output: str | os.PathLike | None = None) -> None:
+    """The streaming options that can be checked before any work: sizes, the reduction, the offload directory.
+
+    Raises:
+        ConfigError: naming the option.
+    """
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 2**62
+        parse_size(opts.max_memory)
+    except ConfigError as exc:
+        raise ConfigError(f"--max-memory: {exc}") from None
+    try:
+        if not parse_size(opts.max_shard_size):
+            raise ConfigError(f"invalid size {opts.max_shard_size!r} (must be > 0)")
+    except ConfigError as exc:
+        raise ConfigError(f"max_shard_size: {exc}") from None
+    if opts.dist_reduce not in REDUCTIONS:
+        raise ConfigError(f"dist_reduce must be one of {', '.join(REDUCTIONS)}, got {opts.dist_reduce!r}")
+    check_offload_dir(opts.offload_dir, inputs=inputs, output=output)
 
 
 def unsupported_reason(recipe: Recipe) -> str | None:
@@ -120,23 +178,32 @@ def compress_streaming(
     trust_remote_code: bool = False,
     command: str | None = None,
     options: StreamOptions | None = None,
+    record_paths: str = "relative",
 ) -> CompressResult:
     """Streaming, resumable, optionally distributed compress of a safetensors checkpoint.
 
     Same arguments and result as :func:`llmprune.api.compress` (which calls this when it streams) plus
     ``path`` (the safetensors directory) and ``options``. Produces the same tensors as the in-memory path.
+    ``model_ref`` None records ``path`` as the base model.
+
+    Every option is checked before any model or calibration work (:func:`check_stream_options`); the model's
+    structure (``ignore`` patterns, N:M shapes) and the activations' size right after the meta-device model is
+    built, before calibration.
     """
     opts = options or StreamOptions()
-    if opts.dist_reduce not in REDUCTIONS:
-        raise ConfigError(f"dist_reduce must be one of {', '.join(REDUCTIONS)}, got {opts.dist_reduce!r}")
+    inputs = [path, recipe.calibration.source]
+    check_stream_options(opts, inputs=inputs, output=output)
     reason = unsupported_reason(recipe)
     if reason:
         raise ConfigError(reason)
-    output = check_output(output, overwrite, inputs=[path, recipe.calibration.source])
+    if opts.resume and finished_output(Path(output).expanduser()):
+        output = Path(output).expanduser()  # only its leftover work directory is removed (StreamingRun.run)
+    else:
+        output = check_output(output, overwrite, inputs=inputs)
     ctx, device = setup(device)
     try:
         run = StreamingRun(Path(path), recipe, output, device=device, ctx=ctx, options=opts, dtype=dtype,
                            trust_remote_code=trust_remote_code)
-        return run.run(model_ref, command=command, overwrite=overwrite, progress=progress)
+        return run.run(model_ref, command=command, overwrite=overwrite, progress=progress, record_paths=record_paths)
     finally:
         ctx.close()

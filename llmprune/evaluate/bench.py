@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import inspect
 import logging
 import os
 import statistics
@@ -134,6 +135,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cache_argument(model) -> str:
+    """The keyword under which ``model``'s ``forward``/``generate`` take the KV cache: ``cache`` in recent
+    transformers (which deprecates ``past_key_values`` with a FutureWarning), ``past_key_values`` before."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - forward without a signature
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned (``out.cache`` or ``out.past_key_values``, by transformers version)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 @torch.inference_mode()
 def time_generation(model, batch: int, prompt_len: int, new_tokens: int, *, past_key_values=None,
                     repeats: int = 3, seed: int = 0) -> tuple[float, float]:
@@ -143,18 +160,19 @@ def time_generation(model, batch: int, prompt_len: int, new_tokens: int, *, past
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
     pre, dec = [], []
+    kw = cache_argument(model)
     for i in range(repeats + 1):  # the first pass is warm-up
         cache = past_key_values(batch) if past_key_values is not None else None
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, **({kw: cache} if cache is not None else {}))
         _sync(device)
         t1 = time.perf_counter()
-        cache = out.past_key_values
+        cache = output_cache(out)
         nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=nxt, use_cache=True, **{kw: cache})
+            cache = output_cache(out)
             nxt = out.logits[:, -1:].argmax(-1)
         _sync(device)
         t2 = time.perf_counter()

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -175,18 +177,8 @@ def evaluate(
         if limit is not None and limit <= 0:
             raise ConfigError(f"--limit must be > 0, got {limit}")
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=manager,
-            log_samples=log_samples,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        with _quiet_git_hash():
+            results = _simple_evaluate(lm_eval, lm, names, num_fewshot, limit, manager, log_samples, seed)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -199,6 +191,54 @@ def evaluate(
         "include_path": [p for p in includes if not (tmp and p.startswith(tmp.name))],
     }
     return results
+
+
+def _simple_evaluate(lm_eval, lm, names, num_fewshot, limit, manager, log_samples, seed):
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=names,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=log_samples,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+
+
+@contextmanager
+def _quiet_git_hash():
+    """lm-eval records the git commit of the working directory by running ``git describe`` with the terminal
+    as its stderr, which prints ``fatal: not a git repository`` outside a repo. For the call, its
+    ``get_git_commit_hash`` runs the same command with stderr captured (same result, lm-eval's files
+    untouched)."""
+    try:
+        import lm_eval.evaluator as evaluator
+        from lm_eval.loggers.utils import get_commit_from_path
+    except ImportError:  # pragma: no cover - another lm-eval layout: leave it alone
+        yield
+        return
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:  # pragma: no cover
+        yield
+        return
+
+    def quiet_git_commit_hash():
+        try:
+            done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=30)
+            if done.returncode == 0 and done.stdout.strip():
+                return done.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return get_commit_from_path(os.getcwd())
+
+    evaluator.get_git_commit_hash = quiet_git_commit_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def _task_manager(cls, includes: list[str], names: list[str]):

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llmprune.errors import ConfigError, LlmpruneError
+from llmprune.errors import ConfigError
+from llmprune.formats.reading import read_json
 
 RESULTS_FILE = "eval_results.json"
 
@@ -52,15 +53,10 @@ def read_results(directory: str | os.PathLike) -> dict[str, Any]:
     """``directory/eval_results.json`` (empty when absent).
 
     Raises:
-        LlmpruneError: when the file is not valid JSON.
+        LlmpruneError: when the file is not a UTF-8 JSON object.
     """
-    path = Path(directory) / RESULTS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LlmpruneError(f"{path} is not valid JSON: {exc}") from None
+    data = read_json(Path(directory) / RESULTS_FILE, what=RESULTS_FILE)
+    return {} if data is None else data
 
 
 def record_results(directory: str | os.PathLike, section: str, entries: dict[str, Any],

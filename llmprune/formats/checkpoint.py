@@ -24,6 +24,7 @@ from typing import Any
 
 from llmprune.errors import LlmpruneError
 from llmprune.formats.output import METADATA_FILE, check_output, make_work_dir, move_into_place
+from llmprune.formats.reading import read_json
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,16 @@ def save_dense(model, directory: Path) -> None:
 
 
 def read_metadata(directory: str | os.PathLike) -> dict | None:
+    """``llmprune.json`` of ``directory`` (None when absent).
+
+    Raises:
+        LlmpruneError: naming the file, when it is not a UTF-8 JSON object or its ``format`` is not a string.
+    """
     path = Path(directory) / METADATA_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+    meta = read_json(path, what=METADATA_FILE)
+    if meta is not None and not isinstance(meta.get("format", "dense"), str):
+        raise LlmpruneError(f"{path}: 'format' must be a string, got {meta['format']!r}")
+    return meta
 
 
 def load_checkpoint_format(directory: str, dtype, device):

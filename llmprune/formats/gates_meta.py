@@ -6,12 +6,12 @@ gates-only directory (``attn_gates.json`` names its ``base_model``) without impo
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from llmprune.errors import LlmpruneError
+from llmprune.formats.reading import read_json
 
 GATES_FILE = "attn_gates.safetensors"
 GATES_CONFIG = "attn_gates.json"
@@ -26,19 +26,23 @@ def read_gates_meta(directory: str | os.PathLike) -> dict[str, Any] | None:
     """``attn_gates.json`` of ``directory`` (gate config + training info), or None when no gates are saved there.
 
     Raises:
-        LlmpruneError: when the JSON file is not valid JSON.
+        LlmpruneError: when the file is not a UTF-8 JSON object.
     """
     directory = Path(directory).expanduser()
     path = directory / GATES_CONFIG
     if not path.is_file() or not has_gates(directory):
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LlmpruneError(f"{path} is not valid JSON: {exc}") from None
+    return read_json(path, what=GATES_CONFIG)
 
 
 def gates_base_model(directory: str | os.PathLike) -> str | None:
-    """For a gates-only directory (no ``config.json``), the base model it was trained on."""
+    """For a gates-only directory (no ``config.json``), the base model it was trained on.
+
+    Raises:
+        LlmpruneError: when ``base_model`` is present but not a non-empty string.
+    """
     meta = read_gates_meta(directory)
-    return meta.get("base_model") if meta else None
+    base = meta.get("base_model") if meta else None
+    if base is not None and (not isinstance(base, str) or not base.strip()):
+        raise LlmpruneError(f"{Path(directory) / GATES_CONFIG}: 'base_model' must be a model name, got {base!r}")
+    return base

@@ -17,7 +17,7 @@ value plus 1/16 byte of metadata: 56.25% of dense for 16-bit dtypes.
 
 This module is the bottom of the stack: the Triton kernel (:mod:`llmprune.kernels.sparse24_linear`), the
 ``Sparse24Linear`` module and the ``"packed"`` checkpoint format (:mod:`llmprune.runtime.sparse24`) all read
-this layout through it.
+this layout through it; :func:`validate_packed` checks a stored packing before it is used.
 """
 
 from __future__ import annotations
@@ -108,6 +108,47 @@ def pack_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     words = (nibbles.reshape(rows, nwords, 8) << shifts).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return values, words.contiguous()
+
+
+def validate_packed(values: torch.Tensor, meta: torch.Tensor, in_features: int, *, rows_per_chunk: int = 4096) -> None:
+    """Check that ``values`` / ``meta`` are a well-formed packing (the layout above) of an ``[out, in_features]``
+    weight, before anything runs on them.
+
+    Checked: ``values`` is a floating ``[out, in/2]`` tensor, ``meta`` an ``int32`` ``[out, ceil(in/32)]`` one,
+    ``in_features`` a positive multiple of 4; the two 2-bit positions of every group are strictly increasing
+    (a duplicate position would make both values land on one column, losing one; :func:`pack_24` never writes
+    one); the unused high bits of each row's last word are 0. Vectorised over ``rows_per_chunk`` rows at a
+    time (a few bytes of scratch per stored value).
+
+    Raises:
+        ValueError: naming what is wrong (for positions: the first bad row and group).
+    """
+    if type(in_features) is not int or in_features <= 0 or in_features % 4:
+        raise ValueError(f"in_features {in_features!r} is not a positive multiple of 4")
+    half, words = in_features // 2, meta_words(in_features)
+    if not values.is_floating_point() or values.dim() != 2 or values.shape[1] != half:
+        raise ValueError(
+            f"values must be a floating [out, {half}] tensor, got {values.dtype} {tuple(values.shape)}"
+        )
+    rows = values.shape[0]
+    if meta.dtype != torch.int32 or tuple(meta.shape) != (rows, words):
+        raise ValueError(f"meta must be int32 [{rows}, {words}], got {meta.dtype} {tuple(meta.shape)}")
+    shifts = torch.arange(0, 32, 2, device=meta.device, dtype=torch.int32)
+    for r0 in range(0, rows, rows_per_chunk):
+        m = meta[r0:r0 + rows_per_chunk]
+        codes = ((m.unsqueeze(-1) >> shifts) & 3).to(torch.uint8).reshape(m.shape[0], words * 16)
+        if half < words * 16 and bool((codes[:, half:] != 0).any()):
+            r = int((codes[:, half:] != 0).any(-1).nonzero()[0])
+            raise ValueError(f"row {r0 + r}: unused high bits of the last meta word are not 0")
+        pairs = codes[:, :half].reshape(m.shape[0], half // 2, 2)
+        bad = pairs[..., 0] >= pairs[..., 1]
+        if bool(bad.any()):
+            r, g = bad.nonzero()[0].tolist()
+            p0, p1 = pairs[r, g].tolist()
+            raise ValueError(
+                f"row {r0 + r}, group {g} (columns {4 * g}..{4 * g + 3}): positions {p0}, {p1} are not strictly "
+                f"increasing ({int(bad.sum())} bad group{'s' if int(bad.sum()) != 1 else ''} in rows {r0}..{r0 + m.shape[0] - 1}); the metadata is corrupt"
+            )
 
 
 def unpack_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,11 @@ This layer loads weights only: attention gates and other runtime options are app
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,9 +24,20 @@ from pathlib import Path
 import torch
 
 from llmprune.errors import LlmpruneError
-from llmprune.formats.checkpoint import load_checkpoint_format
+from llmprune.formats.checkpoint import get_format, load_checkpoint_format
 from llmprune.formats.gates_meta import gates_base_model
+from llmprune.formats.reading import (
+    TensorInfo,
+    checkpoint_tensors,
+    dtype_compatible,
+    first_line,
+    is_finite,
+    preview,
+    read_json,
+)
+from llmprune.formats.sparse24 import QUANT_METHOD
 from llmprune.model.network import hub_reachable
+from llmprune.model.structured import check_layer_sizes
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +111,39 @@ ALIASES = {"smollm2-135m": _smollm2_dir, "smollm2-135m-instruct": _smollm2_dir}
 
 
 def resolve_model(ref: str | os.PathLike | None) -> str:
-    """Alias, local directory or Hub id -> something ``from_pretrained`` accepts."""
+    """Alias, local directory or Hub id -> something ``from_pretrained`` accepts.
+
+    A gates-only directory (``attn_gates.json`` + weights, no ``config.json``) resolves to its ``base_model``,
+    which must be a real model: one naming itself, another gates-only directory or a missing one is refused.
+
+    Raises:
+        LlmpruneError: for a directory that is not a model, or a gates-only one whose base is not a model.
+    """
+    return _resolve(ref, via=None)
+
+
+def _resolve(ref: str | os.PathLike | None, via: Path | None) -> str:
     ref = str(ref) if ref is not None else DEFAULT_MODEL
     if ref.lower() in ALIASES:
         return str(ALIASES[ref.lower()]())
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
+            if via is not None:  # the base of a gates-only directory is itself one (or names no model)
+                same = path.resolve() == via.resolve()
+                raise LlmpruneError(
+                    f"{via}: attn_gates.json names base_model {ref!r}, which "
+                    + ("is this gates-only directory itself" if same else "is not a model directory either")
+                    + " (gates-only directories must name the model they were trained on)"
+                )
             base = gates_base_model(path)
             if base:  # a gates-only directory written by ``llmprune train-gates``
-                return resolve_model(base)
+                return _resolve(base, via=path)
             raise LlmpruneError(f"{ref} is not a model directory (no config.json)")
         return str(path)
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        if via is not None:
+            raise LlmpruneError(f"{via}: attn_gates.json names base_model {ref!r}, which does not exist")
         raise LlmpruneError(f"model directory not found: {ref}")
     hub_reachable()  # switches to cached-files-only mode at once when offline
     return ref
@@ -121,11 +154,179 @@ def load_tokenizer(ref: str | os.PathLike | None, trust_remote_code: bool = Fals
     from transformers import AutoTokenizer
 
     path = resolve_model(ref)
+    _check_config_file(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise LlmpruneError(f"cannot load tokenizer for {ref!r}: {str(exc).splitlines()[0]}") from None
+    except LlmpruneError:
+        raise
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # OSError, ValueError, and whatever a corrupt tokenizer file makes the libraries raise
+        raise LlmpruneError(f"cannot load tokenizer for {ref!r}: {first_line(exc)}") from None
     return tok
+
+
+def _check_config_file(path: str | os.PathLike) -> None:
+    """A local model's ``config.json`` must be a JSON object (transformers raises assorted errors otherwise)."""
+    if Path(path).is_dir():
+        read_json(Path(path) / "config.json", what="config.json")
+
+
+def load_config(path: str | os.PathLike, trust_remote_code: bool = False):
+    """``AutoConfig.from_pretrained(path)``; any failure (bad ``config.json``, unknown model type, invalid
+    per-layer sizes) is a :class:`LlmpruneError` naming ``path``."""
+    from transformers import AutoConfig
+
+    _check_config_file(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        check_layer_sizes(config)
+    except LlmpruneError as exc:
+        raise _located(exc, Path(path) / "config.json" if Path(path).is_dir() else path) from None
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        raise LlmpruneError(f"cannot load the config of {str(path)!r}: {first_line(exc)}") from None
+    return config
+
+
+def _located(exc: LlmpruneError, where: str | os.PathLike) -> LlmpruneError:
+    """``exc`` with ``where`` in front of its message, unless it already names it."""
+    msg = str(exc)
+    return exc if str(where) in msg else type(exc)(f"{where}: {msg}")
+
+
+def _pattern(patterns) -> re.Pattern | None:
+    patterns = [p for p in (patterns or ()) if p]
+    return re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+
+
+def _renames_keys(model, names: list[str]) -> bool:
+    """Whether transformers may rename or fuse checkpoint tensors when loading ``model`` (its conversion
+    mapping, e.g. MoE experts; or a legacy rename matching one of ``names``), so names need not match 1:1."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            get_model_conversion_mapping,
+        )
+    except ImportError:  # older transformers: no conversions
+        return False
+    try:
+        if get_model_conversion_mapping(model, add_legacy=False):
+            return True
+        legacy = _pattern([p for t in get_checkpoint_conversion_mapping("legacy") or () for p in t.source_patterns])
+    except Exception:  # an internal API: when it changes, fall back to trusting transformers' own report
+        return True
+    return legacy is not None and any(legacy.search(n) for n in names)
+
+
+def verify_tensors(model, tensors: dict[str, TensorInfo], where: str | os.PathLike) -> None:
+    """Check the checkpoint's tensors (``tensors``: name -> dtype/shape from the headers) against ``model``
+    (built on the meta device, or loaded).
+
+    Every tensor of the model must be stored (tied tensors once, under any of their names; persistent buffers
+    transformers recomputes excepted), no stored tensor may be unknown to the model (beyond the names
+    transformers drops on purpose), shapes must be equal, and a floating tensor must not be stored as an
+    integer one or the reverse. A checkpoint saved from the base model (no ``model.`` prefix) matches too;
+    when transformers converts names for this architecture (MoE expert fusion), unmatched names are left to
+    its own loading report.
+
+    Raises:
+        LlmpruneError: naming up to 3 tensors and the count.
+    """
+    sd = model.state_dict(keep_vars=True)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    model_names = set(sd)
+
+    def canonical(k: str) -> str | None:
+        if k in model_names:
+            return k
+        if prefix and f"{prefix}.{k}" in model_names:
+            return f"{prefix}.{k}"
+        if prefix and k.startswith(prefix + ".") and k[len(prefix) + 1:] in model_names:
+            return k[len(prefix) + 1:]
+        return None
+
+    stored = {}
+    for k, info in tensors.items():
+        c = canonical(k)
+        if c is not None:
+            stored[c] = (k, info)
+    groups: dict[int, list[str]] = {}
+    for name, t in sd.items():
+        groups.setdefault(id(t), []).append(name)
+    buffers = {n for n, _ in model.named_buffers()}
+    ignore_missing = _pattern(getattr(model, "_keys_to_ignore_on_load_missing", None))
+    missing = []
+    for names in groups.values():
+        if any(n in stored for n in names):
+            continue
+        if ignore_missing is not None and all(n in buffers and ignore_missing.search(n) for n in names):
+            continue  # a buffer transformers recomputes
+        missing.append(names[0])
+    extra = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    if any(n.endswith("rotary_emb.inv_freq") for n in buffers):
+        extra.add(r"rotary_emb\.inv_freq")
+    if any(n.endswith("position_ids") for n in buffers):
+        extra.add(r"(^|\.)position_ids$")
+    ignore_unexpected = _pattern(extra)
+    unexpected = [k for k in tensors if canonical(k) is None
+                  and not (ignore_unexpected is not None and ignore_unexpected.search(k))]
+    if (missing or unexpected) and _renames_keys(model, unexpected):
+        missing, unexpected = [], []  # transformers maps these names itself; its report is checked after loading
+    if missing:
+        raise LlmpruneError(f"{where}: checkpoint lacks {preview(sorted(missing))} of the model")
+    if unexpected:
+        raise LlmpruneError(f"{where}: checkpoint holds {preview(sorted(unexpected))} the model does not have")
+    bad_shape = sorted(c for c, (k, info) in stored.items() if info.shape != tuple(sd[c].shape))
+    if bad_shape:
+        k, info = stored[bad_shape[0]]
+        raise LlmpruneError(
+            f"{where}: wrong shape for {preview([stored[c][0] for c in bad_shape])} "
+            f"({k + ': ' if len(bad_shape) > 1 else ''}checkpoint {info.shape}, model {tuple(sd[bad_shape[0]].shape)})"
+        )
+    bad_dtype = sorted(c for c, (k, info) in stored.items() if not dtype_compatible(info.dtype, sd[c].dtype))
+    if bad_dtype:
+        k, info = stored[bad_dtype[0]]
+        raise LlmpruneError(
+            f"{where}: incompatible dtype for {preview([stored[c][0] for c in bad_dtype])} ({k + ' is ' if len(bad_dtype) > 1 else ''}stored as "
+            f"{info.dtype}, the model's is {str(sd[bad_dtype[0]].dtype).removeprefix('torch.')}; integer and "
+            "float tensors are not cast into each other)"
+        )
+
+
+def check_finite(model, where: str | os.PathLike) -> None:
+    """Refuse a model with NaN or infinite weights, naming the first such parameter."""
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if not is_finite(p):
+            raise LlmpruneError(f"{where}: tensor {name!r} holds NaN or infinite values")
+
+
+def _check_loading_info(info: dict, where: str | os.PathLike) -> None:
+    """transformers' own report (``output_loading_info=True``): any missing/unexpected/mismatched key is an error."""
+    for field, what in (("missing_keys", "lacks"), ("unexpected_keys", "holds unexpected"),
+                        ("mismatched_keys", "has mismatched shapes for")):
+        keys = [k if isinstance(k, str) else str(k[0]) for k in (info.get(field) or ())]
+        if keys:
+            raise LlmpruneError(f"{where}: checkpoint {what} {preview(sorted(keys))} (transformers' loading report)")
+    errors = [str(e) for e in (info.get("error_msgs") or ())]
+    if errors:
+        raise LlmpruneError(f"{where}: loading failed: {errors[0].splitlines()[0] if errors[0] else '?'}")
+
+
+def _hub_tensors(ref: str) -> dict[str, TensorInfo] | None:
+    """The tensors of a Hub model's cached snapshot (after transformers fetched it), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = try_to_load_from_cache(ref, "config.json")
+        if not isinstance(cfg, str):
+            return None
+        return checkpoint_tensors(Path(cfg).parent)
+    except LlmpruneError:
+        raise
+    except Exception:  # not cached in the usual layout: transformers' own report still applies
+        return None
 
 
 def load_pretrained(
@@ -140,6 +341,17 @@ def load_pretrained(
     format's loader (see :mod:`llmprune.formats.checkpoint`). A gates-only directory loads its base model;
     the gates themselves are attached by :func:`llmprune.runtime.load.load_model`.
 
+    Loading verifies instead of trusting (transformers would fill a missing tensor with random values and
+    cast an integer one): before anything is loaded, the weight files' headers are read
+    (:func:`llmprune.formats.reading.checkpoint_tensors`: corrupt files and index entries outside the folder
+    are refused) and compared with the model built on the meta device (:func:`verify_tensors`: names, shapes,
+    dtypes); transformers' own loading report (``output_loading_info``) must be clean; no parameter may hold
+    NaN/inf. A packed 2:4 checkpoint without ``llmprune.json`` (its ``config.json`` names the
+    ``llmprune_sparse24`` quantization) goes to the packed loader, which checks every packed linear.
+    ``pytorch_model.bin`` checkpoints are loaded, with ``weights_only=True`` (ours and transformers'),
+    so a pickle holding more than tensors is refused. Hub models are checked against their cached snapshot
+    after transformers downloads it.
+
     Args:
         ref: model reference (None = the embedded default).
         dtype: ``"auto"`` keeps the checkpoint's dtype.
@@ -147,8 +359,10 @@ def load_pretrained(
         trust_remote_code: passed to transformers; off unless the user asks.
 
     Raises:
-        LlmpruneError: when the model cannot be found or loaded.
+        LlmpruneError: when the model cannot be found or loaded, or its files do not match it (one line,
+            naming the directory, file or tensor).
     """
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(ref)
@@ -156,11 +370,64 @@ def load_pretrained(
     special = load_checkpoint_format(path, torch_dtype, device)
     if special is not None:
         return special
+    local = Path(path).is_dir()
+    tensors = checkpoint_tensors(path) if local else None
+    where = path if local else repr(str(ref))
+    config = load_config(path, trust_remote_code) if local else None
+    quantized = config is not None and getattr(config, "quantization_config", None) is not None
+    if quantized and _quant_method(config) == QUANT_METHOD:  # a packed checkpoint without llmprune.json
+        return get_format("packed").load(path, dtype=torch_dtype, device=device)
+    checked = False
+    if tensors is not None and not quantized:  # compare before loading: nothing is read from a bad checkpoint
+        try:
+            with init_empty_weights(), _no_init_weights():
+                skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            skeleton.tie_weights()
+        except LlmpruneError as exc:
+            raise _located(exc, where) from None
+        except Exception as exc:
+            raise LlmpruneError(f"cannot build model {str(ref)!r} from its config: {first_line(exc)}") from None
+        verify_tensors(skeleton, tensors, where)
+        del skeleton
+        checked = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise LlmpruneError(f"cannot load model {str(ref)!r}: {str(exc).splitlines()[0]}") from None
+        # ignore_mismatched_sizes: transformers then reports (rather than raises on) a size mismatch, naming
+        # the tensors in its loading report, which is refused below.
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
+    except LlmpruneError as exc:  # raised by llmprune's hooks (structured sizes, the packed quantizer)
+        raise _located(exc, where) from None
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # size mismatches (RuntimeError), bad files, unknown model types...
+        raise LlmpruneError(f"cannot load model {str(ref)!r}: {first_line(exc)}") from None
+    _check_loading_info(info, where)
+    if not checked:
+        tensors = tensors if tensors is not None else _hub_tensors(path)
+        if tensors is not None and (not quantized or _quant_method(model.config) == QUANT_METHOD):
+            verify_tensors(model, tensors, where)
+    check_finite(model, where)
     model.eval()
     if device is not None:
         model.to(device)
     return model
+
+
+def _no_init_weights():
+    """transformers' context that skips weight initialisation (the skeleton is on the meta device anyway)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _quant_method(config) -> str | None:
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return method if isinstance(method, str) else None

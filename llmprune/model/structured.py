@@ -74,6 +74,42 @@ def resize_layers(model: nn.Module, intermediate_sizes: list[int], kv_head_count
 # --------------------------------------------------------------------------- config / classes
 
 
+def check_layer_sizes(config) -> tuple[list[int] | None, list[int] | None]:
+    """The per-layer sizes a ``llmprune_<base>`` config records, validated.
+
+    Each of ``llmprune_intermediate_sizes`` / ``llmprune_kv_heads`` must be absent (both) or a list of positive
+    ints, one per layer (``num_hidden_layers``); a KV head count may not exceed ``num_key_value_heads`` nor
+    an FFN size exceed ``intermediate_size`` when those are recorded (structured pruning only removes).
+
+    Returns:
+        ``(intermediate sizes, KV heads)``, or ``(None, None)`` when the config records none.
+
+    Raises:
+        LlmpruneError: naming the field and the offending entry.
+    """
+    inter, kv = getattr(config, "llmprune_intermediate_sizes", None), getattr(config, "llmprune_kv_heads", None)
+    if inter is None and kv is None:
+        return None, None
+    n_layers = getattr(config, "num_hidden_layers", None)
+    out = []
+    for field, value, limit in (("llmprune_intermediate_sizes", inter, getattr(config, "intermediate_size", None)),
+                                ("llmprune_kv_heads", kv, getattr(config, "num_key_value_heads", None))):
+        where = field
+        if value is None:
+            raise LlmpruneError(f"{where} is missing (it is recorded together with the other per-layer size list)")
+        if not isinstance(value, (list, tuple)):
+            raise LlmpruneError(f"{where} must be a list of positive integers, one per layer, got {value!r}")
+        if isinstance(n_layers, int) and len(value) != n_layers:
+            raise LlmpruneError(f"{where} has {len(value)} entries for {n_layers} layers")
+        for i, v in enumerate(value):
+            if type(v) is not int or v <= 0:
+                raise LlmpruneError(f"{where}[{i}] must be a positive integer, got {v!r}")
+            if type(limit) is int and limit > 0 and v > limit:
+                raise LlmpruneError(f"{where}[{i}] = {v} exceeds the model's {limit}")
+        out.append(list(value))
+    return out[0], out[1]
+
+
 def layer_sizes(model: nn.Module) -> tuple[list[int], list[int]]:
     """``(intermediate size, KV heads)`` of every decoder layer."""
     layers = decoder_layers(model)
@@ -104,10 +140,10 @@ def structured_classes(base_model_type: str) -> tuple[type, type]:
     )
 
     def lm_init(self, config):
+        inter, kv = check_layer_sizes(config)  # before building: bad sizes never reach torch
         base_lm.__init__(self, config)
-        inter, kv = getattr(config, "llmprune_intermediate_sizes", None), getattr(config, "llmprune_kv_heads", None)
         if inter is not None and kv is not None:
-            resize_layers(self, list(inter), list(kv))
+            resize_layers(self, inter, kv)
 
     lm_cls = type(
         title,

@@ -4,6 +4,12 @@ Built from the checkpoint's ``llmprune.json`` (recipe, calibration, command, ach
 ``eval_results.json`` (perplexity, lm-eval and bench numbers, with the dense baseline stored by
 ``llmprune eval --baseline`` / ``llmprune bench``).
 
+Privacy: the card names no local path. Absolute and home-relative paths (the base model directory, the
+recorded command line, a calibration file, a gates directory) are shown relative to the checkpoint's parent
+directory when they lie under it, else as a Hub id (when the folder records one) or by their last component
+(:func:`public_path`, :func:`public_text`); paths already recorded relative are kept. The same rewrite is
+applied to the JSON files :func:`llmprune.publish.hub.push` uploads (:func:`public_json`).
+
 ``library_name``: ``transformers`` for the ``dense`` format (the folder loads with
 ``AutoModelForCausalLM.from_pretrained`` alone, which is what the Hub's "Use this model" snippet shows);
 ``llmprune`` for other formats (packed 2:4 ...), which need ``import llmprune`` / ``llmprune.load``.
@@ -14,7 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shlex
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -37,21 +46,91 @@ _PAPERS = {
 }
 
 
+def _local_path(ref: str, directory: Path | None) -> Path | None:
+    """``ref`` as an existing local path (relative ones: to the checkpoint, then to the cwd), or None."""
+    path = Path(ref).expanduser()
+    candidates = [path] if path.is_absolute() else [*([directory / path] if directory else []), path]
+    return next((c for c in candidates if c.exists()), None)
+
+
+def _recorded_hub_id(path: Path | None) -> str | None:
+    """The Hub id a local model folder records as its origin (``config.json`` ``_name_or_path``), or None."""
+    cfg = path / "config.json" if path is not None else None
+    if cfg is None or not cfg.is_file():
+        return None
+    try:
+        name = json.loads(cfg.read_text(encoding="utf-8")).get("_name_or_path") or ""
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists():
+        return name
+    return None
+
+
 def hub_base_model(base: str | None, directory: Path | None = None) -> str | None:
     """A Hub id for ``base_model`` metadata, or None (local paths without a known origin)."""
-    if not base:
+    if not base or not isinstance(base, str):
         return None
     if base.lower() in HUB_IDS:
         return HUB_IDS[base.lower()]
-    path = Path(base).expanduser()
-    if path.exists() or base.startswith((".", "/", "~")):
-        cfg = path / "config.json"
-        if cfg.is_file():
-            name = json.loads(cfg.read_text()).get("_name_or_path") or ""
-            if name.count("/") == 1 and not Path(name).exists():
-                return name
-        return None
+    local = _local_path(base, Path(directory) if directory is not None else None)
+    if local is not None or base.startswith((".", "/", "~")) or re.match(r"^[A-Za-z]:[\\/]", base):
+        return _recorded_hub_id(local)
     return base if base.count("/") == 1 else None
+
+
+# An absolute POSIX path, a home-relative one or a Windows drive path, quoted by shlex or bare; not part of
+# a URL (``https://...``), a Hub id (``user/name``) or a ratio (``2/4``).
+_QUOTED_PATH = re.compile(r"'((?:~|[A-Za-z]:)?[/\\][^']*)'")
+_BARE_PATH = re.compile(r"(?<![\w.:/~\\-])((?:~|[A-Za-z]:)?[/\\][^\s'\"]*)")
+# A path recorded relative to the checkpoint that climbs two or more levels (``../../home/me/x``).
+_CLIMBING_PATH = re.compile(r"(?<![\w.:/~\\-])((?:\.\.[/\\]){2,}[^\s'\"]*)")
+
+
+def public_path(ref: str, directory: str | os.PathLike | None = None) -> str:
+    """A local path as the card shows it: under the checkpoint's parent directory, relative to that parent
+    (``ckpt``, ``tiny-llama``); elsewhere the Hub id its ``config.json`` records, else its last component."""
+    path = Path(ref).expanduser()
+    if directory is not None:
+        root = Path(directory).expanduser().resolve().parent
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError):
+            resolved = path
+        if root != Path(root.anchor) and (resolved == root or root in resolved.parents):
+            return os.path.relpath(resolved, root)
+    return _recorded_hub_id(path) or re.split(r"[\\/]", str(ref).rstrip("/\\"))[-1] or "."
+
+
+def public_text(text: str, directory: str | os.PathLike | None = None) -> str:
+    """``text`` (a command line, a path, any string) with every absolute or ``~`` path, and every relative one
+    that climbs two or more levels above the checkpoint (``../../x``), rewritten by :func:`public_path`; other
+    relative paths, URLs and Hub ids are left as they are."""
+    if not isinstance(text, str) or not any(c in text for c in "/\\"):
+        return text
+
+    def quoted(m: re.Match) -> str:
+        return shlex.quote(public_path(m.group(1), directory))
+
+    def bare(m: re.Match) -> str:
+        return public_path(m.group(1), directory) if len(m.group(1)) > 1 else m.group(1)
+
+    def climbing(m: re.Match) -> str:
+        if directory is None:
+            return Path(m.group(1)).name or m.group(1)
+        return public_path(str(Path(directory).expanduser() / m.group(1)), directory)
+
+    return _CLIMBING_PATH.sub(climbing, _BARE_PATH.sub(bare, _QUOTED_PATH.sub(quoted, text)))
+
+
+def public_json(obj: Any, directory: str | os.PathLike | None = None) -> Any:
+    """A JSON value with :func:`public_text` applied to every string (keys included)."""
+    if isinstance(obj, dict):
+        return {public_text(k, directory) if isinstance(k, str) else k: public_json(v, directory)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [public_json(v, directory) for v in obj]
+    return public_text(obj, directory) if isinstance(obj, str) else obj
 
 
 def _sparsity_tags(recipe: dict) -> list[str]:
@@ -140,18 +219,36 @@ def _bench_section(res: dict) -> list[str]:
     return out + [""]
 
 
+def baseline_measured(res: dict) -> list[str]:
+    """Sections of ``eval_results.json`` whose rows have a dense-baseline number beside them (``perplexity``,
+    ``lm-eval``, ``bench``): the card's baseline sentence names these and appears only when there is one."""
+    base = res.get("baseline") or {}
+    out = []
+    ppl = res.get("ppl") or {}
+    if any(isinstance(b, dict) and b.get("ppl") is not None for k, b in (base.get("ppl") or {}).items() if k in ppl):
+        out.append("perplexity")
+    tasks = {e.get("task", k) for k, e in (res.get("lm_eval") or {}).items() if isinstance(e, dict)}
+    if any(isinstance(b, dict) and b.get("metrics") for k, b in (base.get("lm_eval") or {}).items() if k in tasks):
+        out.append("lm-eval")
+    rows = (res.get("bench") or {}).get("rows") or []
+    if any(isinstance(r, dict) and r.get("label") == "baseline" for r in rows):
+        out.append("bench")
+    return out
+
+
 def build_card(directory: str | os.PathLike, *, repo_id: str | None = None) -> str:
     """Model card text for checkpoint ``directory``."""
     directory = Path(directory)
     meta = read_metadata(directory)
     if meta is None:
         raise LlmpruneError(f"{directory} is not an llmprune checkpoint (no llmprune.json)")
-    res = read_results(directory)
-    base_res = res.get("baseline", {})
-    recipe = meta.get("recipe", {})
+    hub_base = hub_base_model(meta.get("base_model"), directory)  # from the raw path: it reads the folder
+    meta = public_json(meta, directory)
+    res = public_json(read_results(directory), directory)
+    base_res = res.get("baseline") or {}
+    recipe = meta.get("recipe") or {}
     fmt = meta.get("format", "dense")
-    base = meta.get("base_model")
-    hub_base = hub_base_model(base, directory)
+    base = hub_base or meta.get("base_model")
     stages = recipe.get("prune", [])
     tags = ["llmprune", "pruned", "sparsity", *_sparsity_tags(recipe)]
     if fmt != "dense":
@@ -209,7 +306,13 @@ def build_card(directory: str | os.PathLike, *, repo_id: str | None = None) -> s
     body = _ppl_section(res, base_res) + _lm_eval_section(res, base_res) + _bench_section(res)
     if body:
         lines += body
-        lines.append("Dense baseline: " + (f"`{base}`" if base else "the base model") + ", evaluated with the same protocol and settings.")
+        measured = baseline_measured(res)
+        who = f"`{base}`" if base else "the base model"
+        if measured:
+            lines.append(f"Dense baseline ({', '.join(measured)}): {who}, evaluated with the same protocol and settings.")
+        else:
+            lines.append("No dense baseline was measured for these numbers (`llmprune eval DIR --baseline`, "
+                         "`llmprune ppl BASE --baseline-of DIR` and `llmprune bench DIR` measure one).")
     else:
         lines.append("Not measured yet: run `llmprune ppl DIR`, `llmprune eval DIR --baseline`, `llmprune bench DIR`.")
     lines.append("")
@@ -220,8 +323,14 @@ def build_card(directory: str | os.PathLike, *, repo_id: str | None = None) -> s
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_card(directory: str | os.PathLike, *, repo_id: str | None = None) -> Path:
-    """(Re)write ``directory/README.md``."""
+def write_card(directory: str | os.PathLike, *, repo_id: str | None = None, text: str | None = None) -> Path:
+    """(Re)write ``directory/README.md`` (``text``: an already built card), atomically."""
     path = Path(directory) / CARD_FILE
-    path.write_text(build_card(directory, repo_id=repo_id))
+    text = build_card(directory, repo_id=repo_id) if text is None else text
+    tmp = path.with_name(f".{CARD_FILE}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -8,6 +8,7 @@ from helpers import SHARED, needs_shared, run_cli, tiny_text
 
 from llmprune.evaluate import lm_eval as evaluation
 from llmprune.evaluate.lm_eval import OFFLINE_TASKS, evaluate, metrics_by_task, write_task_dir
+from llmprune.formats.metadata import resolve_base_model
 
 LM_EVAL_DATA = SHARED / "data" / "lm_eval"
 
@@ -85,8 +86,9 @@ def test_eval_cli_arc_easy_records_with_checkpoint(checkpoint, tmp_path, capsys)
     entry = stored["lm_eval"]["arc_easy"]
     assert entry["limit"] == 4 and entry["n_samples"] == 4 and entry["offline_data"] is True
     assert set(entry["metrics"]) >= {"acc", "acc_norm", "acc_stderr"}
-    assert stored["baseline"]["lm_eval"]["arc_easy"]["model"] == json.loads(
-        (checkpoint / "llmprune.json").read_text())["base_model"]
+    # base_model is recorded relative to the checkpoint; --baseline resolves it against the checkpoint directory
+    assert stored["baseline"]["lm_eval"]["arc_easy"]["model"] == resolve_base_model(
+        checkpoint, json.loads((checkpoint / "llmprune.json").read_text()))
 
 
 def test_eval_data_dir_from_env(data_dir, checkpoint, monkeypatch, capsys):

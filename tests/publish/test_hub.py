@@ -8,7 +8,7 @@ from helpers import run_cli
 
 from llmprune.evaluate.results import record_results
 from llmprune.publish import hub
-from llmprune.publish.modelcard import build_card, hub_base_model
+from llmprune.publish.modelcard import build_card, hub_base_model, public_text
 
 SECRET = "hf_THIS_IS_A_FAKE_TOKEN_0123456789"
 
@@ -20,6 +20,10 @@ class FakeApi:
         self.calls = []
         FakeApi.last = self
 
+    def whoami(self):
+        self.calls.append(("whoami", {}))
+        return {"name": "me", "auth": {"accessToken": {"role": "write"}}}
+
     def create_repo(self, **kw):
         self.calls.append(("create_repo", kw))
         return f"https://huggingface.co/{kw['repo_id']}"
@@ -27,8 +31,11 @@ class FakeApi:
     def upload_folder(self, **kw):
         from pathlib import Path
 
-        card = Path(kw["folder_path"]) / "README.md"
-        self.calls.append(("upload_folder", {**kw, "card": card.read_text() if card.is_file() else None}))
+        folder = Path(kw["folder_path"])
+        card = folder / "README.md"
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        self.calls.append(("upload_folder", {**kw, "card": card.read_text() if card.is_file() else None,
+                                             "files": files}))
         return "commit-url"
 
 
@@ -58,7 +65,7 @@ def test_card_metadata_recipe_command_and_numbers(checkpoint):
     for tag in ("llmprune", "pruned", "sparsity", "2:4", "magnitude"):
         assert tag in front["tags"]
     assert "# me/tiny-2of4" in card
-    assert meta["command"] in card  # exact reproduction command
+    assert public_text(meta["command"], checkpoint) in card  # the reproduction command, without local paths
     assert "method: magnitude" in card and "sparsity: '2:4'" in card  # the recipe
     assert "No calibration data" in card  # magnitude is data-free
     assert "| wikitext2 | 2 × 64-token windows | 31.250 | 20.500 | +10.750 |" in card
@@ -102,8 +109,13 @@ def test_push_call_sequence(checkpoint, monkeypatch, caplog, capsys):
     assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
     assert calls[0][1] == {"repo_id": "me/tiny-2of4", "repo_type": "model", "private": True, "exist_ok": True}
     up = calls[1][1]
-    assert up["repo_id"] == "me/tiny-2of4" and up["folder_path"] == str(checkpoint)
+    assert up["repo_id"] == "me/tiny-2of4"
+    # A staging folder with every file of the checkpoint (the same bytes) plus the generated card.
+    local = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file() and p.name != "README.md"}
+    assert set(up["files"]) == set(local) | {"README.md"}
+    assert all(up["files"][n] == b for n, b in local.items() if n not in hub.PUBLIC_JSON)
     assert up["card"] is not None and "library_name: transformers" in up["card"]  # card generated before upload
+    assert (checkpoint / "README.md").read_text() == up["card"]  # and kept with the checkpoint after the upload
     assert "https://huggingface.co/me/tiny-2of4" in out
     assert SECRET not in out + err + caplog.text
 

@@ -197,3 +197,98 @@ def test_cli_train_gates_and_ppl(tiny_model_dir, tiny_calib_file, tmp_path, caps
     assert main(["ppl", str(out), "--data-path", str(data), "--seqlen", "128", "--attn-sparsity", "0.5", "-q"]) == 0
     assert "gate recall" in capsys.readouterr().out
     assert main(["ppl", str(tiny_model_dir), "--data-path", str(data), "--seqlen", "128", "--attn-sparsity", "0.5"]) == 2
+
+
+# ----------------------------------------------------------------- bad attn_gates.json / gate weights
+
+
+def _saved(trained, directory, tiny_model_dir):
+    _, gates, _ = trained
+    save_gates(gates, directory, {"base_model": str(tiny_model_dir), "attn_sparsity": 0.5})
+    return directory
+
+
+BAD_META = [
+    ("attn_sparsity", 1.5, "attn_sparsity must be a number in [0, 1)"),
+    ("attn_sparsity", "half", "attn_sparsity must be a number in [0, 1)"),
+    ("gate_config.block_size", 48, "gate_config.block_size must be a power of two >= 16"),
+    ("gate_config.block_size", 8, "gate_config.block_size must be an integer >= 16"),
+    ("gate_config.num_layers", 0, "gate_config.num_layers must be an integer >= 1"),
+    ("gate_config.num_layers", "2", "gate_config.num_layers must be an integer >= 1"),
+    ("gate_config.num_heads", 3, "gate_config.num_heads (3) is not a multiple of gate_config.num_kv_heads"),
+    ("gate_config.head_dim", 15, "gate_config.head_dim must be even"),
+    ("gate_config.gate_dim", 0, "gate_config.gate_dim must be an integer >= 2"),
+    ("gate_config.rope_base", -1.0, "gate_config.rope_base must be a positive number"),
+    ("gate_config.blocksize", 64, "gate_config.blocksize: unknown key"),
+    ("gate_config.num_heads", None, "gate_config.num_heads: missing"),
+    ("gate_config", None, "gate_config: missing or not an object"),
+    ("gate_config", [1, 2], "gate_config: missing or not an object"),
+    ("gate_config.num_layers", 3, "tensor 'layers.2.q_proj' is missing"),  # file and weights disagree
+    ("gate_config.gate_dim", 8, "tensor 'layers.0.q_proj' has shape"),
+]
+
+
+@pytest.mark.parametrize("key,value,needle", BAD_META, ids=[f"{k}={v!r}" for k, v, _ in BAD_META])
+def test_bad_gates_json_names_file_and_key(key, value, needle, trained, tmp_path, tiny_model_dir):
+    d = _saved(trained, tmp_path / "g", tiny_model_dir)
+    meta = json.loads((d / "attn_gates.json").read_text())
+    *parents, last = key.split(".")
+    target = meta
+    for p in parents:
+        target = target[p]
+    if value is None:
+        del target[last]
+    else:
+        target[last] = value
+    (d / "attn_gates.json").write_text(json.dumps(meta))
+    with pytest.raises(llmprune.LlmpruneError) as info:
+        llmprune.load(tiny_model_dir, runtime=llmprune.RuntimeConfig(gates=str(d)))
+    msg = str(info.value)
+    assert needle in msg and str(d) in msg and len(msg.splitlines()) == 1
+
+
+def _rewrite_weights(d, edit):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(d / GATES_FILE))
+    edit(state)
+    save_file(state, str(d / GATES_FILE))
+
+
+BAD_WEIGHTS = [
+    ("nan", lambda s: s["layers.1.k_proj"].view(-1)[3:4].fill_(float("nan")), "'layers.1.k_proj' holds NaN or infinite"),
+    ("inf", lambda s: s["layers.0.dist_bias"].view(-1)[0:1].fill_(float("inf")), "'layers.0.dist_bias' holds NaN"),
+    ("missing", lambda s: s.pop("layers.1.dist_bias"), "tensor 'layers.1.dist_bias' is missing"),
+    ("extra", lambda s: s.update({"layers.2.q_proj": torch.zeros(1)}), "unexpected tensor 'layers.2.q_proj'"),
+    ("shape", lambda s: s.update({"layers.0.k_proj": torch.zeros(2, 48, 15)}), "'layers.0.k_proj' has shape (2, 48, 15)"),
+    ("dtype", lambda s: s.update({"layers.0.dist_bias": torch.zeros(2, 24, dtype=torch.int32)}), "expected floating point"),
+]
+
+
+@pytest.mark.parametrize("name,edit,needle", BAD_WEIGHTS, ids=[b[0] for b in BAD_WEIGHTS])
+def test_bad_gate_weights_name_file_and_tensor(name, edit, needle, trained, tmp_path, tiny_model_dir):
+    d = _saved(trained, tmp_path / "g", tiny_model_dir)
+    _rewrite_weights(d, edit)
+    with pytest.raises(llmprune.LlmpruneError) as info:
+        load_gates(d)
+    assert needle in str(info.value) and str(d / GATES_FILE) in str(info.value)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"num_layers": 3}, "gate_config.num_layers is 3 but the model has 2"),
+    ({"head_dim": 8}, "gate_config.head_dim is 8 but the model has 16"),
+    ({"num_heads": 8, "num_kv_heads": 4}, "gate_config.num_heads is 8 but the model has 4"),
+    ({"num_kv_heads": 4}, "gate_config.num_kv_heads is 4 but the model has 2"),
+])
+def test_gates_of_another_model_shape(overrides, needle, tmp_path, tiny_model_dir, capsys):
+    base = dict(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, block_size=BS, gate_dim=8)
+    cfg = GateConfig(**{**base, **overrides})
+    save_gates([AttnGate(cfg) for _ in range(cfg.num_layers)], tmp_path / "g", {"base_model": str(tiny_model_dir)})
+    data = tmp_path / "wiki.txt"
+    data.write_text(" ".join(f"w{i % 100}" for i in range(600)))
+    code = main(["ppl", str(tiny_model_dir), "--data-path", str(data), "--seqlen", "64", "--gates", str(tmp_path / "g"),
+                 "--attn-sparsity", "0.5", "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("llmprune: error: "), err
+    assert needle in lines[0] and str(tmp_path / "g" / "attn_gates.json") in lines[0] and "different shape" in lines[0]

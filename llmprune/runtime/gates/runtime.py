@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from llmprune.errors import LlmpruneError
+from llmprune.formats.gates_meta import GATES_CONFIG
 from llmprune.model.access import decoder_layers
 from llmprune.runtime.gates.gate import AttnGate, load_gates, pool_k, pool_q, select_blocks, unrotate
 from llmprune.runtime.kernel_policy import GATED_DECODE_QUERIES, backend_from_flag, use_kernel
@@ -124,16 +125,25 @@ def attach_gates(model, gates, *, attn_sparsity=None, threshold=None, budget=Non
     :class:`GateRuntime`, also reachable as ``gate_runtime(model)``; change its fields at any time.
     """
     meta = {}
+    source = "these attention gates"
     if isinstance(gates, (str, Path)):
+        source = str(Path(gates) / GATES_CONFIG)
         gates, meta = load_gates(gates)
+    if not gates:
+        raise LlmpruneError(f"{source}: no gates to attach")
     layers = decoder_layers(model)
     cfg = gates[0].cfg
     c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    if (len(gates), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) != (
-        len(layers), c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim
-    ):
-        raise LlmpruneError("these attention gates were trained for a model of a different shape")
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    want = {"num_layers": len(layers), "num_heads": heads,
+            "num_kv_heads": getattr(c, "num_key_value_heads", None) or heads, "head_dim": head_dim}
+    have = {"num_layers": len(gates), "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim}
+    for key, value in want.items():
+        if have[key] != value:
+            raise LlmpruneError(f"{source}: gate_config.{key} is {have[key]} but the model has {value}: these "
+                                "attention gates were trained for a model of a different shape")
     detach_gates(model)
     if attn_sparsity is None and threshold is None and budget is None:
         attn_sparsity = meta.get("attn_sparsity")

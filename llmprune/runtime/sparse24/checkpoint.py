@@ -13,7 +13,6 @@ tensor straight from the safetensors files, so the dense model never exists in m
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from pathlib import Path
@@ -22,12 +21,30 @@ import torch
 from torch import nn
 
 from llmprune.errors import ConfigError, LlmpruneError
+from llmprune.formats.reading import (
+    SAFETENSORS_INDEX,
+    dtype_compatible,
+    index_weight_map,
+    is_finite,
+    open_safetensors,
+    preview,
+)
 from llmprune.formats.shards import DEFAULT_SHARD_SIZE, plan_shards, shard_name, write_index
-from llmprune.formats.sparse24 import FORMAT_VERSION, PACKABLE_PATTERNS, QUANT_METHOD, pack_24
+from llmprune.formats.sparse24 import (
+    FORMAT_VERSION,
+    PACKABLE_PATTERNS,
+    QUANT_METHOD,
+    pack_24,
+    validate_packed,
+)
+from llmprune.model.loading import load_config
 from llmprune.prune.registry import method_for_config
 from llmprune.runtime.sparse24.module import _empty_sparse_modules, packable_linears
 
 log = logging.getLogger(__name__)
+
+_ST_DTYPE = {torch.int32: "I32", torch.int64: "I64", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
 
 
 def check_recipe(recipe) -> None:
@@ -117,9 +134,10 @@ def save_packed(model: nn.Module, directory: Path, max_shard_bytes: int = DEFAUL
 
 
 def _shard_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
+    """The checkpoint's safetensors files (the index's shards, each checked to stay inside ``directory``)."""
+    index = directory / SAFETENSORS_INDEX
     if index.is_file():
-        return sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+        return sorted(set(index_weight_map(index).values()))
     single = directory / "model.safetensors"
     if single.is_file():
         return [single]
@@ -127,31 +145,79 @@ def _shard_files(directory: Path) -> list[Path]:
 
 
 def _packed_modules(directory: Path, config) -> list[str]:
-    """The packed linears listed by ``config``'s ``quantization_config`` (removed from ``config``)."""
+    """The packed linears listed by ``config``'s ``quantization_config`` (removed from ``config``).
+
+    Raises:
+        LlmpruneError: when it is not an ``llmprune_sparse24`` config, its ``format_version`` is not a positive
+            integer this llmprune reads, or ``modules`` is not a list of distinct module names.
+    """
     qc = getattr(config, "quantization_config", None)
     if not isinstance(qc, dict):
         qc = qc.to_dict() if qc is not None else {}
     if qc.get("quant_method") != QUANT_METHOD:
         raise LlmpruneError(f"{directory} is not a packed 2:4 checkpoint (no {QUANT_METHOD} quantization_config)")
-    if int(qc.get("format_version", 1)) > FORMAT_VERSION:
-        raise LlmpruneError(
-            f"{directory}: packed format version {qc['format_version']} is newer than this llmprune supports"
-        )
+    try:
+        names = check_quant_config(qc)
+    except ValueError as exc:
+        raise LlmpruneError(f"{directory / 'config.json'}: {exc}") from None
     del config.quantization_config
-    return list(qc.get("modules", []))
+    return names
+
+
+def check_quant_config(qc: dict) -> list[str]:
+    """Validate a packed ``quantization_config`` dict; returns its ``modules``.
+
+    Raises:
+        ValueError: for a ``format_version`` that is not a positive int (or newer than :data:`FORMAT_VERSION`),
+            or ``modules`` that is not a non-empty list of distinct, non-empty strings.
+    """
+    version = qc.get("format_version")
+    if type(version) is not int or version < 1:
+        raise ValueError(f"quantization_config format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"packed format version {version} is newer than this llmprune supports ({FORMAT_VERSION}); upgrade llmprune"
+        )
+    modules = qc.get("modules")
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
+        raise ValueError(f"quantization_config modules must be a non-empty list of module names, got {modules!r}")
+    dup = sorted({m for m in modules if modules.count(m) > 1})
+    if dup:
+        raise ValueError(f"quantization_config modules lists {dup[0]!r} twice")
+    return list(modules)
+
+
+def check_packed_modules(model: nn.Module, names: list[str], where: str | os.PathLike) -> None:
+    """Validate every packed linear ``names`` of a loaded model (:func:`~llmprune.formats.sparse24.validate_packed`:
+    shapes, dtypes, strictly increasing positions), so a corrupt checkpoint fails at load, not at a forward.
+
+    Raises:
+        LlmpruneError: naming the module and what is wrong.
+    """
+    for name in names:
+        mod = model.get_submodule(name)
+        try:
+            validate_packed(mod.values, mod.meta, mod.in_features)
+        except ValueError as exc:
+            raise LlmpruneError(f"{where}: packed module {name!r} is corrupt: {exc}") from None
 
 
 def _fill_from_shards(model: nn.Module, directory: Path, dtype: torch.dtype, device: torch.device) -> None:
-    """Read every tensor of the checkpoint straight into the (meta) model's parameters and buffers."""
-    from safetensors import safe_open
+    """Read every tensor of the checkpoint straight into the (meta) model's parameters and buffers.
 
+    Each tensor must match the skeleton's shape and dtype kind (a float stays float, ``meta`` stays ``int32``)
+    and hold no NaN/inf; a tensor stored twice is refused.
+    """
     dev_str = "cpu" if device.type == "cpu" else str(device if device.index is not None else f"{device.type}:0")
+    seen: set[str] = set()
     for path in _shard_files(directory):
-        with safe_open(str(path), framework="pt", device=dev_str) as f:
+        if not path.is_file():
+            raise LlmpruneError(f"{directory}: shard {path.name} listed in the index is missing")
+        with open_safetensors(path, device=dev_str) as f:
             for key in f.keys():
-                t = f.get_tensor(key)
-                if t.is_floating_point():
-                    t = t.to(dtype)
+                if key in seen:
+                    raise LlmpruneError(f"{path}: tensor {key!r} is stored twice")
+                seen.add(key)
                 mod_name, _, attr = key.rpartition(".")
                 try:
                     mod = model.get_submodule(mod_name)
@@ -159,13 +225,32 @@ def _fill_from_shards(model: nn.Module, directory: Path, dtype: torch.dtype, dev
                     raise LlmpruneError(f"{path.name}: tensor {key!r} matches no module of the model") from None
                 if attr in mod._parameters:
                     old = mod._parameters[attr]
-                    if old is not None and tuple(old.shape) != tuple(t.shape):
-                        raise LlmpruneError(f"{key}: checkpoint shape {tuple(t.shape)} != model {tuple(old.shape)}")
-                    mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
                 elif attr in mod._buffers:
-                    mod._buffers[attr] = t
+                    old = mod._buffers[attr]
                 else:
                     raise LlmpruneError(f"{path.name}: unexpected tensor {key!r}")
+                info = f.info(key)
+                if old is not None:
+                    if info.shape != tuple(old.shape):
+                        raise LlmpruneError(
+                            f"{path}: tensor {key!r} has shape {info.shape}, the model's is {tuple(old.shape)}"
+                        )
+                    if not dtype_compatible(info.dtype, old.dtype) or (
+                        not old.is_floating_point() and info.dtype != _ST_DTYPE.get(old.dtype)
+                    ):
+                        raise LlmpruneError(
+                            f"{path}: tensor {key!r} is stored as {info.dtype}, the model's is "
+                            f"{str(old.dtype).removeprefix('torch.')}"
+                        )
+                t = f.get(key)
+                if not is_finite(t):
+                    raise LlmpruneError(f"{path}: tensor {key!r} holds NaN or infinite values")
+                if t.is_floating_point():
+                    t = t.to(dtype)
+                if attr in mod._parameters:
+                    mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+                else:
+                    mod._buffers[attr] = t
 
 
 def load_packed(directory: str | os.PathLike, dtype="auto", device=None, **_):
@@ -175,15 +260,18 @@ def load_packed(directory: str | os.PathLike, dtype="auto", device=None, **_):
     onto ``device`` (default CPU) and cast to ``dtype`` (``"auto"``: the checkpoint's), so no dense copy of
     the packed weights is ever made.
 
+    Every tensor is checked as it is read (shape, dtype kind, finite values) and every packed linear before
+    the model is returned (:func:`check_packed_modules`).
+
     Raises:
         LlmpruneError: if the folder is not a packed checkpoint of a supported version, or its tensors do not
-            match the model.
+            match the model or are corrupt (naming the file, tensor or module).
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     directory = Path(directory)
-    config = AutoConfig.from_pretrained(directory)
+    config = load_config(directory)
     names = _packed_modules(directory, config)
     if dtype is None or dtype == "auto":
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
@@ -192,13 +280,17 @@ def load_packed(directory: str | os.PathLike, dtype="auto", device=None, **_):
     device = torch.device(device) if device is not None else torch.device("cpu")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    _empty_sparse_modules(model, names, dtype)
+    try:
+        _empty_sparse_modules(model, names, dtype)
+    except LlmpruneError as exc:
+        raise LlmpruneError(f"{directory / 'config.json'}: {exc}") from None
     _fill_from_shards(model, directory, dtype, device)
     if getattr(config, "tie_word_embeddings", False) or hasattr(model, "tie_weights"):
         model.tie_weights()
     missing = [n for n, p in (*model.named_parameters(), *model.named_buffers()) if p.device.type == "meta"]
     if missing:
-        raise LlmpruneError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        raise LlmpruneError(f"{directory}: checkpoint lacks {preview(missing)}")
+    check_packed_modules(model, names, directory)
     model.to(device)
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)

@@ -2,7 +2,10 @@
 
 After ``import llmprune`` (which calls :func:`register_transformers_quantizer`), a packed checkpoint loads through
 plain transformers on versions with ``register_quantizer`` (5.x): a quantizer swaps the listed linears for
-``Sparse24Linear`` before transformers fills the weights from the safetensors files.
+``Sparse24Linear`` before transformers fills the weights from the safetensors files, and validates every packed
+linear after (:func:`~llmprune.runtime.sparse24.checkpoint.check_packed_modules`, the check
+:func:`~llmprune.runtime.sparse24.checkpoint.load_packed` runs); the ``quantization_config`` is validated when
+transformers reads it.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from llmprune.formats.sparse24 import FORMAT_VERSION, QUANT_METHOD
-from llmprune.runtime.sparse24.checkpoint import quant_config
+from llmprune.runtime.sparse24.checkpoint import check_packed_modules, check_quant_config, quant_config
 from llmprune.runtime.sparse24.module import _empty_sparse_modules
 
 
@@ -39,7 +42,9 @@ def register_transformers_quantizer() -> bool:
 
         def __init__(self, modules=(), format_version: int = FORMAT_VERSION, **kwargs):
             self.quant_method = QUANT_METHOD
-            self.modules = list(modules)
+            # Validated like llmprune's own loader (ValueError: transformers' convention for bad configs).
+            modules = list(modules) if isinstance(modules, tuple) else modules
+            self.modules = check_quant_config({"format_version": format_version, "modules": modules})
             self.format_version = format_version
 
         def to_dict(self):
@@ -54,6 +59,11 @@ def register_transformers_quantizer() -> bool:
         def _process_model_before_weight_loading(self, model, **kwargs):
             dtype = kwargs.get("dtype") or getattr(model.config, "dtype", None) or torch.float32
             _empty_sparse_modules(model, self.quantization_config.modules, dtype)
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            # The same check as load_packed: a corrupt packing fails here, not at the first forward.
+            check_packed_modules(model, self.quantization_config.modules, getattr(model, "name_or_path", "") or "model")
             return model
 
         def is_serializable(self, *args, **kwargs):
