@@ -4,7 +4,9 @@ Llama-3-8B attention shapes (32 query heads, 8 KV heads, head dim 128), batch 1,
 KV cache of 8k / 32k / 64k tokens, blocks of 64, 50% and 90% of the blocks skipped (first and last block always
 kept, the rest chosen at random per KV head: the kernel's cost does not depend on which blocks). Median times
 from ``triton.testing``, in two modes: ``graph`` (CUDA-graph replay: GPU time without Python launch overhead,
-as in a decode loop captured with CUDA graphs) and ``eager`` (plain launches, overhead included). Columns:
+as in a decode loop captured with CUDA graphs) and ``eager`` (plain launches, overhead included). Both reuse the
+same buffers, so they are *warm-L2* times: at 32k / 90% the selected blocks (13.6 MB) stay in L2 while the dense
+cache (134 MB) cannot, which flatters the ratio; cold-L2 times are in ``eval/gpu_suite.py``. Columns:
 
 * ``kernel``: :func:`llmprune.kernels.gated_attention.gated_attention` given top-k block indices + counts
   (what the gate's top-k yields; no sort), best over a few split counts; the default split heuristic and the

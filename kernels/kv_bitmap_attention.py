@@ -6,14 +6,20 @@ of K and of V as ``bitmap`` (int64, one word per 64-element tile, ``head_dim / 6
 ``[B, Hkv, W, d]`` of the most recent tokens. The ``M`` queries ``q [B, Hq, M, d]`` are the last ``M`` window tokens
 (causal among themselves); ``Hq = G * Hkv`` (GQA; ``G = 1`` is MHA, ``Hkv = 1`` MQA).
 
-Kernel: grid ``(B * Hkv, S + 1)``. A program owns one KV head and all its ``G * M`` query rows (so each K/V tile is
-decoded once per group), padded to ``BLOCK_R >= 16`` rows for ``tl.dot``. Programs ``0..S-1`` each take a contiguous
-range of ``BLOCK_N``-token blocks of the compressed part; program ``S`` takes the dense window. Per block it loads the
-bitmap words and offsets ``[BLOCK_N, d / 64]``, expands the bits to ``[BLOCK_N, d]``, ranks each kept element in its
-tile with an exclusive prefix sum of the bits, gathers ``values[offset + rank]`` (zero where the bit is clear), and
-runs an online softmax (``exp2``, fp32 state) with ``S = q K^T`` and ``acc += P V`` on tensor cores, fp32 accumulate.
-Each program writes its unnormalised partial ``(m, l, acc)``; ``_kv_bitmap_combine_kernel`` merges the ``S + 1``
-partials of every row (log-sum-exp rescaling) and writes the output in the query dtype.
+Kernel (one launch per call): grid ``(B * Hkv, S + 1)``. A program owns one KV head and all its ``G * M`` query
+rows (so each K/V tile is decoded once per group), padded to ``BLOCK_R >= 16`` rows for ``tl.dot``. Programs
+``0..S-1`` each take a contiguous range of ``BLOCK_N``-token blocks of the compressed part; program ``S`` takes the
+dense window. Per block it loads the bitmap words and offsets ``[BLOCK_N, d / 64]``, splits each word into two 32-bit
+halves, ranks each kept element by ``popcount(half & (2**i - 1))`` (the ``POPC`` instruction; no prefix sum across
+lanes), gathers ``values[offset + rank]`` (zero where the bit is clear), and runs an online softmax (``exp2``, fp32
+state) with ``S = q K^T`` and ``acc += P V`` on tensor cores, fp32 accumulate. Each program stores the ``G * M`` real
+rows of its unnormalised partial ``(m, l, acc)`` and bumps the head's arrival counter; the last of the ``S + 1`` to
+arrive merges them (log-sum-exp rescaling), writes the output in the query dtype and resets the counter.
+
+Known limit (issue 14, point 3): the values are still gathered 2 bytes at a time behind dependent metadata loads,
+with no ``cp.async`` pipelining; the compile-level report (``eval/results/kernel_report.md``) puts the main loop's
+issue ceiling near 1.2 TB/s on sm_90, below what 2.2x dense SDPA needs. :func:`kv_bitmap_config` is the launcher's
+config as a pure function; :func:`check_config` refuses block sizes and shared memory the GPU cannot take.
 
 ``kv_bitmap_attention_ref`` is the plain-torch reference (unpack, concatenate the window, softmax in fp32).
 """
@@ -25,8 +31,11 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from llmprune.formats.bitmap import TILE, BitmapTensor, unpack_bitmap
+
+from ._device import arrival_counters, check_shared, device_info
 
 _LOG2E = 1.4426950408889634
 
@@ -37,32 +46,53 @@ assert TILE == 64
 
 
 @triton.jit
-def _decode_bitmap_block(bm_ptr, off_ptr, val_ptr, offs_n, n_ok, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Dense ``[BLOCK_N, D]`` block of tokens ``offs_n`` from one row's bitmap/offsets/values (zeros if pruned)."""
+def _popcount32(x, HW_POPC: tl.constexpr):
+    """Set bits of each int32 ``x``: the ``POPC`` instruction on the GPU, SWAR bit arithmetic elsewhere."""
+    if HW_POPC:
+        return libdevice.popc(x)
+    x = x - ((x >> 1) & 0x55555555)  # arithmetic shifts are safe: the masks clear the sign-filled bits
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return (x + (x >> 8) + (x >> 16) + (x >> 24)) & 0x3F
+
+
+@triton.jit
+def _decode_bitmap_block(bm_ptr, off_ptr, val_ptr, offs_n, n_ok, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HW_POPC: tl.constexpr):
+    """Dense ``[BLOCK_N, D]`` block of tokens ``offs_n`` from one row's bitmap/offsets/values (zeros if pruned).
+
+    Each 64-bit tile word is taken as two 32-bit halves; the rank of kept element ``i`` of a half is
+    ``popcount(half & (2**i - 1))`` (plus the low half's popcount for the high half): no prefix sum across lanes.
+    """
     TPT: tl.constexpr = D // 64
     tiles = offs_n[:, None] * TPT + tl.arange(0, TPT)[None, :]  # [BLOCK_N, TPT]
     words = tl.load(bm_ptr + tiles, mask=n_ok[:, None], other=0)
     starts = tl.load(off_ptr + tiles, mask=n_ok[:, None], other=0)
-    bitpos = tl.arange(0, 64).to(tl.int64)
-    bits = ((words[:, :, None] >> bitpos[None, None, :]) & 1).to(tl.int32)  # [BLOCK_N, TPT, 64]
-    rank = tl.cumsum(bits, axis=2) - bits
-    idx = starts[:, :, None] + rank
-    vals = tl.load(val_ptr + idx, mask=(bits != 0) & n_ok[:, None, None], other=0.0)
+    lo = words.to(tl.int32)
+    hi = (words >> 32).to(tl.int32)
+    halves = tl.join(lo, hi)  # [BLOCK_N, TPT, 2]
+    first = tl.join(starts, starts + _popcount32(lo, HW_POPC))  # index of each half's first kept value
+    bitpos = tl.arange(0, 32)
+    below = (tl.full((32,), 1, tl.int32) << bitpos) - 1  # bits under position i (2**31 - 1 wraps right)
+    h4 = halves[:, :, :, None]
+    kept = ((h4 >> bitpos[None, None, None, :]) & 1) != 0  # [BLOCK_N, TPT, 2, 32]
+    rank = _popcount32(h4 & below[None, None, None, :], HW_POPC)
+    vals = tl.load(val_ptr + (first[:, :, :, None] + rank), mask=kept & n_ok[:, None, None, None], other=0.0)
     return tl.reshape(vals, (BLOCK_N, D))
 
 
 @triton.jit
 def _kv_bitmap_attention_kernel(
-    q_ptr, kb_ptr, ko_ptr, kv_ptr, vb_ptr, vo_ptr, vv_ptr, kw_ptr, vw_ptr, mask_ptr, po_ptr, pml_ptr,
+    q_ptr, kb_ptr, ko_ptr, kv_ptr, vb_ptr, vo_ptr, vv_ptr, kw_ptr, vw_ptr, mask_ptr, ws_ptr, arrive_ptr, out_ptr,
     qk_scale,  # softmax scale * log2(e)
     HKV, G, M, T_C, W, NUM_SPLITS, BLOCKS_PER_SPLIT,
     s_qb, s_qh, s_qm,
     s_kbb, s_kbh, s_kob, s_koh, s_kvb, s_kvh,
     s_vbb, s_vbh, s_vob, s_voh, s_vvb, s_vvh,
     s_kwb, s_kwh, s_kwt, s_vwb, s_vwh, s_vwt,
-    s_mb,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    s_mb, s_ob, s_oh, s_om,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PARTS_PAD: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -97,7 +127,7 @@ def _kv_bitmap_attention_kernel(
         for n0 in range(n_start, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < n_end
-            k = _decode_bitmap_block(kb, ko, kv, offs_n, n_ok, D, BLOCK_N)
+            k = _decode_bitmap_block(kb, ko, kv, offs_n, n_ok, D, BLOCK_N, HW_POPC)
             if DOT_FP32:
                 k = k.to(tl.float32)
             if IEEE:
@@ -113,7 +143,7 @@ def _kv_bitmap_attention_kernel(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = _decode_bitmap_block(vb, vo, vv, offs_n, n_ok, D, BLOCK_N)
+            v = _decode_bitmap_block(vb, vo, vv, offs_n, n_ok, D, BLOCK_N, HW_POPC)
             if DOT_FP32:
                 v = v.to(tl.float32)
             if IEEE:
@@ -154,53 +184,83 @@ def _kv_bitmap_attention_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
-    # partials: po [B*HKV, NUM_SPLITS + 1, BLOCK_R, D], pml [B*HKV, NUM_SPLITS + 1, 2, BLOCK_R]
-    part = pid_bh.to(tl.int64) * (NUM_SPLITS + 1) + pid_s
-    tl.store(po_ptr + part * BLOCK_R * D + rows[:, None] * D + offs_d[None, :], acc)
-    tl.store(pml_ptr + part * 2 * BLOCK_R + rows, m_i)
-    tl.store(pml_ptr + part * 2 * BLOCK_R + BLOCK_R + rows, l_i)
-
-
-@triton.jit
-def _kv_bitmap_combine_kernel(
-    po_ptr, pml_ptr, out_ptr, HKV, G, M, NUM_PARTS,
-    s_ob, s_oh, s_om,
-    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    r = tl.program_id(1)
-    b = pid_bh // HKV
-    h = pid_bh % HKV
-    parts = tl.arange(0, BLOCK_P)
-    p_ok = parts < NUM_PARTS
-    base = pid_bh.to(tl.int64) * NUM_PARTS + parts
-    m = tl.load(pml_ptr + base * 2 * BLOCK_R + r, mask=p_ok, other=float("-inf"))
-    lsum = tl.load(pml_ptr + base * 2 * BLOCK_R + BLOCK_R + r, mask=p_ok, other=0.0)
-    m_max = tl.max(m, axis=0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_safe)
-    denom = tl.sum(w * lsum, axis=0)
-    offs_d = tl.arange(0, D)
-    acc = tl.load(po_ptr + (base[:, None] * BLOCK_R + r) * D + offs_d[None, :], mask=p_ok[:, None], other=0.0)
-    o = tl.sum(acc * w[:, None], axis=0) / denom
-    qhead = h * G + r // M
-    qpos = r % M
-    tl.store(out_ptr + b.to(tl.int64) * s_ob + qhead.to(tl.int64) * s_oh + qpos * s_om + offs_d, o.to(out_ptr.dtype.element_ty))
+    # Combine in the same launch: each of the NUM_SPLITS + 1 programs of this KV head stores the G * M real rows of
+    # its partial (m, l, acc) and bumps the head's arrival counter; the last to arrive merges them row by row
+    # (log-sum-exp), writes the output and resets the counter for the next call.
+    PART: tl.constexpr = BLOCK_R * (D + 2)
+    n_parts = NUM_SPLITS + 1
+    base = ws_ptr + pid_bh.to(tl.int64) * n_parts * PART
+    mine = base + pid_s * PART
+    tl.store(mine + rows, m_i, mask=r_ok)
+    tl.store(mine + BLOCK_R + rows, l_i, mask=r_ok)
+    tl.store(mine + 2 * BLOCK_R + rows[:, None] * D + offs_d[None, :], acc, mask=r_ok[:, None])
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrive_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_parts - 1:
+        offs_p = tl.arange(0, PARTS_PAD)
+        p_ok = offs_p < n_parts
+        parts = base + offs_p * PART
+        for r in range(0, G * M):
+            m_p = tl.load(parts + r, mask=p_ok, other=float("-inf"), cache_modifier=".cg")
+            l_p = tl.load(parts + BLOCK_R + r, mask=p_ok, other=0.0, cache_modifier=".cg")
+            a_p = tl.load(parts[:, None] + 2 * BLOCK_R + r * D + offs_d[None, :], mask=p_ok[:, None], other=0.0,
+                          cache_modifier=".cg")
+            m_max = tl.max(m_p, axis=0)
+            w = tl.exp2(m_p - tl.where(m_max == float("-inf"), 0.0, m_max))
+            o = tl.sum(a_p * w[:, None], axis=0) / tl.sum(w * l_p, axis=0)
+            o_ptr = out_ptr + b64 * s_ob + (h * G + r // M).to(tl.int64) * s_oh + (r % M) * s_om + offs_d
+            tl.store(o_ptr, o.to(out_ptr.dtype.element_ty))
+        tl.atomic_xchg(arrive_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
 
 
 #: True when the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module loaded).
 _INTERPRETED = not isinstance(_kv_bitmap_attention_kernel, triton.runtime.JITFunction)
 
 
-def _num_splits(n_blocks: int, programs: int, device: torch.device) -> int:
-    if n_blocks == 0:
-        return 1
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = 2 * sms
+#: Most split programs per KV head over the compressed part (the in-kernel combine holds ``[next_pow2(S + 1), d]``).
+MAX_SPLITS = 63
+#: Accepted ``block_n`` (tokens per step): powers of two in this range.
+BLOCK_N_RANGE = (16, 128)
+
+
+def kv_bitmap_config(batch: int, kv_heads: int, group: int, queries: int, n_compressed: int, head_dim: int, *,
+                     num_sms: int, block_n: int = 32, num_splits: int | None = None) -> dict:
+    """The launcher's config (pure, no device needed): block, splits over the compressed part, warps.
+
+    Splits: enough programs (``batch * kv_heads * (S + 1)``) to give every SM two, at most one per block.
+    """
+    n_blocks = triton.cdiv(n_compressed, block_n)
+    programs = batch * kv_heads
+    if num_splits is None:
+        S = 1 if n_blocks == 0 else max(1, min(n_blocks, math.ceil(2 * num_sms / max(1, programs)), MAX_SPLITS))
     else:
-        target = 4
-    return max(1, min(n_blocks, math.ceil(target / max(1, programs))))
+        S = num_splits
+    S = max(1, min(S, max(1, n_blocks)))
+    blocks_per_split = triton.cdiv(max(n_blocks, 1), S)
+    S = triton.cdiv(max(n_blocks, 1), blocks_per_split)
+    return dict(BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(group * queries)), NUM_SPLITS=S,
+                BLOCKS_PER_SPLIT=blocks_per_split, PARTS_PAD=triton.next_power_of_2(S + 1), D=head_dim,
+                num_warps=4 if head_dim <= 64 else 8)
+
+
+def shared_bytes(cfg: dict, itemsize: int) -> int:
+    """Upper bound of a config's shared memory (``itemsize``: 4 for fp32 queries, whose tiles stay fp32), fitted
+    above the compiled kernels (d 64-256, block_n 16-128, bf16 and fp32; ``tests/kernels/test_compiled.py``)."""
+    bn, d, r = cfg["BLOCK_N"], cfg["D"], cfg["BLOCK_R"]
+    return 4 * itemsize * bn * d + 8 * r * max(bn, d) + 8192
+
+
+def check_config(cfg: dict, itemsize: int, arch: int) -> None:
+    """Raise ``ValueError`` for a block size or split count the kernel does not take, or too much shared memory."""
+    bn = cfg["BLOCK_N"]
+    lo, hi = BLOCK_N_RANGE
+    if not isinstance(bn, int) or bn < lo or bn > hi or bn & (bn - 1):
+        raise ValueError(f"kv_bitmap_attention: block_n must be a power of two in [{lo}, {hi}], got {bn!r}")
+    if cfg["NUM_SPLITS"] > MAX_SPLITS:
+        raise ValueError(f"kv_bitmap_attention: num_splits must be <= {MAX_SPLITS}, got {cfg['NUM_SPLITS']}")
+    check_shared("kv_bitmap_attention", shared_bytes(cfg, itemsize), arch,
+                 f"use a smaller block_n (got {bn}) for head_dim {cfg['D']}"
+                 + (" or 16-bit queries" if itemsize > 2 else ""))
 
 
 def _check_row(name: str, t: torch.Tensor, B: int, H: int, dtype, min_len: int, device) -> None:
@@ -230,7 +290,7 @@ def kv_bitmap_attention(
     kv_mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int = 32,
 ) -> torch.Tensor:
     """``softmax(q K^T * scale) V`` for the last ``M`` tokens over bitmap-compressed K/V plus a dense window.
 
@@ -295,22 +355,19 @@ def kv_bitmap_attention(
         q = q.contiguous()
     scale = d**-0.5 if scale is None else float(scale)
 
-    n_blocks = triton.cdiv(n_compressed, block_n)
-    S = num_splits if num_splits is not None else _num_splits(n_blocks, B * Hkv, dev)
-    S = max(1, min(S, max(1, n_blocks)))
-    blocks_per_split = triton.cdiv(max(n_blocks, 1), S)
-    S = triton.cdiv(max(n_blocks, 1), blocks_per_split)
-    BLOCK_R = max(16, triton.next_power_of_2(G * M))
-    po = torch.empty(B * Hkv, S + 1, BLOCK_R, d, dtype=torch.float32, device=dev)
-    pml = torch.empty(B * Hkv, S + 1, 2, BLOCK_R, dtype=torch.float32, device=dev)
+    sms, arch = device_info(dev)
+    cfg = kv_bitmap_config(B, Hkv, G, M, n_compressed, d, num_sms=sms, block_n=block_n, num_splits=num_splits)
+    check_config(cfg, q.element_size(), arch)
+    S, BLOCK_R = cfg["NUM_SPLITS"], cfg["BLOCK_R"]
+    ws = torch.empty(B * Hkv * (S + 1) * BLOCK_R * (d + 2), dtype=torch.float32, device=dev)
+    arrive = arrival_counters(dev, B * Hkv)
     mask_arg = kv_mask if kv_mask is not None else q
     s_mb = kv_mask.stride(0) if kv_mask is not None else 0
     ieee = q.dtype == torch.float32 and not _INTERPRETED
-    num_warps = 4 if d <= 64 else 8
     _kv_bitmap_attention_kernel[(B * Hkv, S + 1)](
-        q, k_bitmap, k_offsets, k_values, v_bitmap, v_offsets, v_values, k_window, v_window, mask_arg, po, pml,
+        q, k_bitmap, k_offsets, k_values, v_bitmap, v_offsets, v_values, k_window, v_window, mask_arg, ws, arrive, out,
         scale * _LOG2E,
-        Hkv, G, M, n_compressed, W, S, blocks_per_split,
+        Hkv, G, M, n_compressed, W, S, cfg["BLOCKS_PER_SPLIT"],
         q.stride(0), q.stride(1), q.stride(2),
         k_bitmap.stride(0), k_bitmap.stride(1), k_offsets.stride(0), k_offsets.stride(1),
         k_values.stride(0), k_values.stride(1),
@@ -318,16 +375,11 @@ def kv_bitmap_attention(
         v_values.stride(0), v_values.stride(1),
         k_window.stride(0), k_window.stride(1), k_window.stride(2),
         v_window.stride(0), v_window.stride(1), v_window.stride(2),
-        s_mb,
-        D=d, BLOCK_N=block_n, BLOCK_R=BLOCK_R, HAS_MASK=kv_mask is not None,
-        DOT_FP32=_INTERPRETED or q.dtype == torch.float32, IEEE=ieee,
-        num_warps=num_warps,
-    )
-    _kv_bitmap_combine_kernel[(B * Hkv, G * M)](
-        po, pml, out, Hkv, G, M, S + 1,
-        out.stride(0), out.stride(1), out.stride(2),
-        D=d, BLOCK_R=BLOCK_R, BLOCK_P=triton.next_power_of_2(S + 1),
-    )
+        s_mb, out.stride(0), out.stride(1), out.stride(2),
+        D=d, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=BLOCK_R, PARTS_PAD=cfg["PARTS_PAD"], HAS_MASK=kv_mask is not None,
+        DOT_FP32=_INTERPRETED or q.dtype == torch.float32, IEEE=ieee, HW_POPC=not _INTERPRETED,
+        num_warps=cfg["num_warps"],
+    )  # fmt: skip
     return out
 
 

@@ -5,19 +5,25 @@ in :mod:`llmprune.formats.sparse24` (value ``j`` of a row sits at column ``4 * (
 at bits ``2 * (j % 16)`` of word ``j // 16``). The kernel reads the packed bytes only (56.25% of the dense
 weight), which is what makes it faster than cuBLAS at batch size 1, where a linear is memory bound.
 
-Kernel: each program owns ``BLOCK_N`` output features x ``BLOCK_M`` input rows and walks its share of the
-``K / 4`` groups, ``BLOCK_G`` groups (``4 * BLOCK_G`` input columns) at a time. Per step it loads the values
-tile ``[BLOCK_N, 2 * BLOCK_G]`` and the metadata words ``[BLOCK_N, BLOCK_G / 8]`` contiguously, splits them
-into the two kept values ``v0, v1`` and their positions ``i0, i1`` of every group, and loads the four strided
-slices ``x[:, 4g + p]`` (``p = 0..3``) of the input. Then either
+Kernel (one launch per call): each program owns ``BLOCK_N`` output features x ``BLOCK_M`` input rows and walks its
+share of the ``K / 4`` groups, ``BLOCK_G`` groups (``4 * BLOCK_G`` input columns) at a time, in a ``tl.range`` loop
+with ``num_stages`` pipelined (``cp.async``) loads. The main loop covers whole blocks only and is unmasked (rows past
+``N`` / ``M`` re-read the last row, never stored), so its loads are 16-byte vectors whatever ``K`` is; one masked
+step takes the tail. Per step it loads the values tile ``[BLOCK_N, 2 * BLOCK_G]``, the metadata words
+``[BLOCK_N, BLOCK_G / 8]`` and the input ``x[:, 4 * g0 : 4 * (g0 + BLOCK_G)]`` contiguously, splits them into the two
+kept values ``v0, v1`` / positions ``i0, i1`` of every group and the four slices ``x[:, 4g + p]``. Then either
 
-* ``USE_DOT=False`` (1-2 rows): selects ``x[:, 4g + i0]`` / ``x[:, 4g + i1]`` with ``where`` and does fp32
-  multiply-adds (no tensor cores needed, the op is memory bound), or
+* ``USE_DOT=False`` (1-2 rows): selects ``x[:, 4g + i0]`` / ``x[:, 4g + i1]`` with ``where`` and accumulates
+  ``v0 * x_i0 + v1 * x_i1`` into an fp32 ``[BLOCK_M, BLOCK_N, BLOCK_G]`` tile (two FMAs, no cross-lane traffic),
+  reduced over the groups once after the loop, or
 * ``USE_DOT=True`` (more rows): expands the weight into the four dense slices ``W[:, 4g + p]`` and accumulates
   ``sum_p dot(x[:, 4g + p], W[:, 4g + p]^T)`` on tensor cores.
 
-Accumulation is fp32. With ``SPLIT_K > 1`` the group range is split across programs that write fp32 partials,
-summed (plus bias, cast) by ``_sparse24_reduce_kernel``.
+Accumulation is fp32. With ``SPLIT_K > 1`` (only when the output tiles alone would leave SMs idle) the group range is
+split across programs; each stores an fp32 partial and bumps its tile's arrival counter, and the last to arrive adds
+the others, the bias, casts and stores, then resets the counter (:func:`kernels._device.arrival_counters`).
+:func:`sparse24_config` is the launcher's config as a pure function; :func:`check_config` refuses configs the
+kernel cannot take or whose shared memory the GPU cannot grant, before launching.
 
 The launcher runs the kernel for any number of rows; choosing it over unpack + dense matmul (which wins once the
 op is compute bound, e.g. at prefill) is the caller's decision (:mod:`llmprune.runtime.kernel_policy`).
@@ -34,121 +40,126 @@ import triton.language as tl
 
 from llmprune.formats.sparse24 import meta_words, unpack_24
 
+from ._device import arrival_counters, check_shared, device_info
+
+
+@triton.jit
+def _sparse24_step(acc, v_rows, m_rows, x_rows, g0, g_end, n_words,
+                   MASKED: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_G: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One ``BLOCK_G``-group step; ``MASKED`` only for the tail (so the main loop's loads stay 16-byte vectors)."""
+    BLOCK_J: tl.constexpr = 2 * BLOCK_G
+    BLOCK_W: tl.constexpr = BLOCK_G // 8
+    j = 2 * g0 + tl.arange(0, BLOCK_J)
+    w = g0 // 8 + tl.arange(0, BLOCK_W)
+    c = 4 * g0 + tl.arange(0, 4 * BLOCK_G)
+    if MASKED:
+        vals = tl.load(v_rows + j[None, :], mask=(j < 2 * g_end)[None, :], other=0.0)
+        words = tl.load(m_rows + w[None, :], mask=(w < n_words)[None, :], other=0)
+        xs = tl.load(x_rows + c[None, :], mask=(c < 4 * g_end)[None, :], other=0.0)
+    else:
+        vals = tl.load(v_rows + j[None, :])
+        words = tl.load(m_rows + w[None, :])
+        xs = tl.load(x_rows + c[None, :])
+    v0, v1 = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_G, 2)))  # the two kept values of every group
+    nib = tl.reshape((words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15, (BLOCK_N, BLOCK_G))
+    i0 = nib & 3  # position of v0 in its group: 0..2
+    i1 = (nib >> 2) & 3  # position of v1: 1..3
+    x02, x13 = tl.split(tl.reshape(xs, (BLOCK_M, BLOCK_G, 2, 2)))  # [.., 2] = columns (4g, 4g+2) / (4g+1, 4g+3)
+    x0, x2 = tl.split(x02)
+    x1, x3 = tl.split(x13)
+    if USE_DOT:
+        zero = tl.zeros_like(v0)
+        d0 = tl.where(i0 == 0, v0, zero)
+        d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+        d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+        d3 = tl.where(i1 == 3, v1, zero)
+        if DOT_FP32:  # Triton's CPU interpreter mis-multiplies bf16 in tl.dot; exact in fp32 there
+            x0, x1, x2, x3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
+            d0, d1, d2, d3 = d0.to(tl.float32), d1.to(tl.float32), d2.to(tl.float32), d3.to(tl.float32)
+        acc = tl.dot(x0, tl.trans(d0), acc)
+        acc = tl.dot(x1, tl.trans(d1), acc)
+        acc = tl.dot(x2, tl.trans(d2), acc)
+        acc = tl.dot(x3, tl.trans(d3), acc)
+    else:
+        a0 = x0[:, None, :].to(tl.float32)
+        a1 = x1[:, None, :].to(tl.float32)
+        a2 = x2[:, None, :].to(tl.float32)
+        a3 = x3[:, None, :].to(tl.float32)
+        s0 = tl.where(i0[None, :, :] == 0, a0, tl.where(i0[None, :, :] == 1, a1, a2))
+        s1 = tl.where(i1[None, :, :] == 3, a3, tl.where(i1[None, :, :] == 2, a2, a1))
+        # [BLOCK_M, BLOCK_N, BLOCK_G] partial sums: reduced once after the loop, not per step (no shuffles here)
+        acc = acc + v0[None, :, :].to(tl.float32) * s0
+        acc = acc + v1[None, :, :].to(tl.float32) * s1
+    return acc
+
+@triton.jit
+def _sparse24_store(acc, b_ptr, y_ptr, offs_m, offs_n, N, out_mask, stride_ym, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
 
 @triton.jit
 def _sparse24_linear_kernel(
-    x_ptr,
-    v_ptr,
-    meta_ptr,
-    b_ptr,
-    y_ptr,
-    M,
-    N,
-    K,
-    G_PER_SPLIT,
-    stride_xm,
-    stride_vn,
-    stride_mn,
-    stride_ys,
-    stride_ym,
-    HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, BLOCKS_PER_SPLIT,
+    stride_xm, stride_vn, stride_mn, stride_ym, stride_ws,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    BLOCK_J: tl.constexpr = 2 * BLOCK_G  # packed values per step
-    BLOCK_W: tl.constexpr = BLOCK_G // 8  # metadata words per step
-
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_ok = offs_n < N
-    m_ok = offs_m < M
+    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    # Rows past the end re-read the last row (never stored), so no load needs a row mask.
+    rows_n = tl.minimum(offs_n, N - 1)
+    rows_m = tl.minimum(offs_m, M - 1)
     n_groups = K // 4
     n_words = (K // 2 + 15) // 16
-    g_start = pid_k * G_PER_SPLIT
-    g_end = tl.minimum(g_start + G_PER_SPLIT, n_groups)
+    g_start = pid_k * BLOCKS_PER_SPLIT * BLOCK_G
+    g_end = tl.minimum(g_start + BLOCKS_PER_SPLIT * BLOCK_G, n_groups)
+    g_full = g_start + (g_end - g_start) // BLOCK_G * BLOCK_G  # whole blocks: the unmasked main loop
 
-    offs_j = tl.arange(0, BLOCK_J)
-    offs_w = tl.arange(0, BLOCK_W)
-    offs_g = tl.arange(0, BLOCK_G)
-    shifts = 4 * tl.arange(0, 8)
+    v_rows = v_ptr + rows_n[:, None].to(tl.int64) * stride_vn
+    m_rows = meta_ptr + rows_n[:, None].to(tl.int64) * stride_mn
+    x_rows = x_ptr + rows_m[:, None].to(tl.int64) * stride_xm
 
-    v_rows = v_ptr + offs_n[:, None].to(tl.int64) * stride_vn
-    m_rows = meta_ptr + offs_n[:, None].to(tl.int64) * stride_mn
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g0 in range(g_start, g_end, BLOCK_G):
-        j = 2 * g0 + offs_j
-        vals = tl.load(v_rows + j[None, :], mask=n_ok[:, None] & (j[None, :] < 2 * g_end), other=0.0)
-        v0, v1 = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_G, 2)))  # [BLOCK_N, BLOCK_G] each
-
-        w = g0 // 8 + offs_w
-        words = tl.load(m_rows + w[None, :], mask=n_ok[:, None] & (w[None, :] < n_words), other=0)
-        nib = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_N, BLOCK_G))
-        i0 = nib & 3
-        i1 = (nib >> 2) & 3
-
-        g = g0 + offs_g
-        x_mask = m_ok[:, None] & (g[None, :] < g_end)
-        xg = x_rows + 4 * g[None, :]
-        x0 = tl.load(xg, mask=x_mask, other=0.0)  # [BLOCK_M, BLOCK_G]
-        x1 = tl.load(xg + 1, mask=x_mask, other=0.0)
-        x2 = tl.load(xg + 2, mask=x_mask, other=0.0)
-        x3 = tl.load(xg + 3, mask=x_mask, other=0.0)
-
-        if USE_DOT:
-            zero = tl.zeros_like(v0)
-            d0 = tl.where(i0 == 0, v0, zero)
-            d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
-            d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
-            d3 = tl.where(i1 == 3, v1, zero)
-            if DOT_FP32:  # Triton's CPU interpreter mis-multiplies bf16 in tl.dot; exact in fp32 there
-                x0, x1, x2, x3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
-                d0, d1, d2, d3 = d0.to(tl.float32), d1.to(tl.float32), d2.to(tl.float32), d3.to(tl.float32)
-            acc = tl.dot(x0, tl.trans(d0), acc)
-            acc = tl.dot(x1, tl.trans(d1), acc)
-            acc = tl.dot(x2, tl.trans(d2), acc)
-            acc = tl.dot(x3, tl.trans(d3), acc)
-        else:
-            # i0 < i1 always, so i0 is in 0..2 and i1 in 1..3.
-            a0 = x0[:, None, :].to(tl.float32)
-            a1 = x1[:, None, :].to(tl.float32)
-            a2 = x2[:, None, :].to(tl.float32)
-            a3 = x3[:, None, :].to(tl.float32)
-            s0 = tl.where(i0[None, :, :] == 0, a0, tl.where(i0[None, :, :] == 1, a1, a2))
-            s1 = tl.where(i1[None, :, :] == 3, a3, tl.where(i1[None, :, :] == 2, a2, a1))
-            prod = v0[None, :, :].to(tl.float32) * s0 + v1[None, :, :].to(tl.float32) * s1
-            acc += tl.sum(prod, axis=2)
-
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
-        y = y_ptr + pid_k * stride_ys + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-        tl.store(y, acc, mask=out_mask)
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G), dtype=tl.float32)
+    for g0 in tl.range(g_start, g_full, BLOCK_G, num_stages=NUM_STAGES):
+        acc = _sparse24_step(acc, v_rows, m_rows, x_rows, g0, g_end, n_words, False, USE_DOT,
+                             BLOCK_M, BLOCK_N, BLOCK_G, DOT_FP32)
+    if g_full < g_end:
+        acc = _sparse24_step(acc, v_rows, m_rows, x_rows, g_full, g_end, n_words, True, USE_DOT,
+                             BLOCK_M, BLOCK_N, BLOCK_G, DOT_FP32)
+    if USE_DOT:
+        out = acc
+    else:
+        out = tl.sum(acc, axis=2)
 
-
-@triton.jit
-def _sparse24_reduce_kernel(ws_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(ws_ptr + s * MN + offs, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    if SPLIT_K == 1:
+        _sparse24_store(out, b_ptr, y_ptr, offs_m, offs_n, N, out_mask, stride_ym, HAS_BIAS)
+    else:
+        # Split-K finished in the same launch: every split stores its fp32 partial, then bumps the tile's arrival
+        # counter; the last to arrive adds the others' partials, writes y and resets the counter for the next call.
+        mn = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k.to(tl.int64) * stride_ws + mn, out, mask=out_mask)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            for s in range(0, SPLIT_K):
+                if s != pid_k:
+                    out += tl.load(ws_ptr + s * stride_ws + mn, mask=out_mask, other=0.0, cache_modifier=".cg")
+            _sparse24_store(out, b_ptr, y_ptr, offs_m, offs_n, N, out_mask, stride_ym, HAS_BIAS)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 #: True when the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module loaded).
@@ -157,39 +168,69 @@ _INTERPRETED = not isinstance(_sparse24_linear_kernel, triton.runtime.JITFunctio
 
 # --------------------------------------------------------------------------- configs
 
-
-@functools.cache
-def _num_sms_cached(kind: str, index: int | None) -> int:
-    if kind == "cuda":
-        return torch.cuda.get_device_properties(index if index is not None else 0).multi_processor_count
-    return 4
+#: Keys of a kernel config (``heuristic_config``, ``tune``, the ``config=`` argument).
+CONFIG_KEYS = ("USE_DOT", "BLOCK_M", "BLOCK_N", "BLOCK_G", "SPLIT_K", "num_warps", "num_stages")
 
 
-def _num_sms(device: torch.device) -> int:
-    return _num_sms_cached(device.type, device.index)
+def sparse24_config(m: int, n: int, k: int, *, num_sms: int) -> dict:
+    """The launcher's config for ``x [m, k] @ W[n, k]^T`` on a GPU with ``num_sms`` SMs (pure; no device needed).
+
+    One row (decode): no tensor cores, ``BLOCK_N`` 16 or 32 rows of ``W`` per program, 128 groups (512 input
+    columns) per step, 3-stage pipelined loads; split-K (finished in the same launch) only when the output tiles
+    alone leave SMs idle.
+    """
+    if m <= 2:
+        bn = 32 if triton.cdiv(n, 32) >= 2 * num_sms else 16
+        cfg = dict(USE_DOT=False, BLOCK_M=1 if m == 1 else 2, BLOCK_N=bn, BLOCK_G=128 if m == 1 else 64,
+                   num_warps=4, num_stages=3)
+    else:
+        cfg = dict(USE_DOT=True, BLOCK_M=16, BLOCK_N=64, BLOCK_G=32, num_warps=4, num_stages=3)
+    tiles = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"])
+    blocks = triton.cdiv(k // 4, cfg["BLOCK_G"])
+    split = 1
+    # Fill every SM at least once, each split still looping over >= 4 blocks of groups.
+    while tiles * split < num_sms and blocks // (split * 2) >= 4:
+        split *= 2
+    cfg["SPLIT_K"] = split
+    return cfg
 
 
 def heuristic_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """Block sizes / split-K chosen from the shape (no benchmarking); returns a new dict."""
+    """:func:`sparse24_config` for ``device`` (block sizes / split-K from the shape, no benchmarking); a new dict."""
     return dict(_heuristic(m, n, k, device.type, device.index))
 
 
 @functools.lru_cache(maxsize=4096)
 def _heuristic(m: int, n: int, k: int, kind: str, index: int | None) -> tuple:
     device = torch.device(kind, index) if index is not None else torch.device(kind)
-    if m <= 2:
-        bn = 32 if n >= 4096 else 16
-        cfg = dict(USE_DOT=False, BLOCK_M=1 if m == 1 else 2, BLOCK_N=bn, BLOCK_G=64, num_warps=4, num_stages=3)
-    else:
-        cfg = dict(USE_DOT=True, BLOCK_M=16, BLOCK_N=64, BLOCK_G=32, num_warps=4, num_stages=3)
-    tiles = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"])
-    groups = k // 4
-    split = 1
-    # Enough programs to fill the GPU twice over, each still looping over >= 2 blocks of groups.
-    while tiles * split < 2 * _num_sms(device) and groups // (split * 2) >= 2 * cfg["BLOCK_G"]:
-        split *= 2
-    cfg["SPLIT_K"] = split
-    return tuple(cfg.items())
+    return tuple(sparse24_config(m, n, k, num_sms=device_info(device)[0]).items())
+
+
+def shared_bytes(cfg: dict, itemsize: int = 2) -> int:
+    """Upper bound of the shared memory a config uses: its pipeline buffers plus layout-conversion scratch."""
+    bn, bg, bm = cfg["BLOCK_N"], cfg["BLOCK_G"], cfg["BLOCK_M"]
+    stage = bn * 2 * bg * itemsize + bn * (bg // 8) * 4 + bm * 4 * bg * itemsize
+    scratch = max(bn * bg * 4, bm * bn * 4, bm * 4 * bg * 4)
+    return max(1, cfg["num_stages"]) * stage + scratch
+
+
+def check_config(cfg: dict, arch: int) -> None:
+    """Raise ``ValueError`` for a config the kernel cannot take, or whose shared memory ``arch`` cannot grant."""
+    missing = [key for key in CONFIG_KEYS if key not in cfg]
+    if missing:
+        raise ValueError(f"sparse24_linear config lacks {missing}")
+    pow2 = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_G", "num_warps")}
+    if any(v < 1 or v & (v - 1) for v in pow2.values()):
+        raise ValueError(f"sparse24_linear config: {pow2} must be powers of two")
+    if cfg["BLOCK_G"] < 8 or cfg["BLOCK_N"] > 256 or cfg["BLOCK_G"] > 512:
+        raise ValueError(f"sparse24_linear config: BLOCK_G must be in [8, 512] and BLOCK_N <= 256, got {pow2}")
+    if cfg["USE_DOT"] and (cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16 or cfg["BLOCK_G"] < 16):
+        raise ValueError(f"sparse24_linear config: USE_DOT needs BLOCK_M, BLOCK_N, BLOCK_G >= 16, got {pow2}")
+    if not cfg["USE_DOT"] and cfg["BLOCK_M"] > 4:
+        raise ValueError("sparse24_linear config: without USE_DOT, BLOCK_M must be <= 4")
+    if not 1 <= cfg["SPLIT_K"] <= 64 or cfg["num_stages"] < 1:
+        raise ValueError(f"sparse24_linear config: SPLIT_K must be in [1, 64], num_stages >= 1, got {cfg}")
+    check_shared("sparse24_linear", shared_bytes(cfg), arch, "lower BLOCK_N, BLOCK_G or num_stages")
 
 
 def _candidates(m: int) -> list[dict]:
@@ -283,29 +324,26 @@ def _check(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias, out)
 def _launch(x, values, meta, bias, out, cfg: dict) -> torch.Tensor:
     m, k = x.shape
     n = values.shape[0]
+    check_config(cfg, device_info(x.device)[1])
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    groups = k // 4
-    split = cfg["SPLIT_K"]
-    g_per_split = triton.cdiv(triton.cdiv(groups, split), cfg["BLOCK_G"]) * cfg["BLOCK_G"]
-    split = max(1, triton.cdiv(groups, g_per_split))
+    blocks = triton.cdiv(k // 4, cfg["BLOCK_G"])
+    blocks_per_split = triton.cdiv(blocks, cfg["SPLIT_K"])
+    split = triton.cdiv(blocks, blocks_per_split)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
-    target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    has_bias = bias is not None
-    _sparse24_linear_kernel[grid](
-        x, values, meta, bias if has_bias else values, target,
-        m, n, k, g_per_split,
-        x.stride(0), values.stride(0), meta.stride(0),
-        target.stride(0) if split > 1 else 0, target.stride(-2),
-        HAS_BIAS=has_bias and split == 1, SPLIT_K=split, USE_DOT=cfg["USE_DOT"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"], DOT_FP32=_INTERPRETED,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
     if split > 1:
-        block = 1024
-        _sparse24_reduce_kernel[(triton.cdiv(m * n, block),)](
-            target, bias if has_bias else values, out, m * n, n, SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=block
-        )
+        ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        cnt = arrival_counters(x.device, grid[0] * grid[2])
+    else:
+        ws = cnt = values
+    _sparse24_linear_kernel[grid](
+        x, values, meta, bias if bias is not None else values, out, ws, cnt,
+        m, n, k, blocks_per_split,
+        x.stride(0), values.stride(0), meta.stride(0), out.stride(0), ws.stride(0) if split > 1 else 0,
+        HAS_BIAS=bias is not None, SPLIT_K=split, USE_DOT=cfg["USE_DOT"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"], NUM_STAGES=cfg["num_stages"],
+        DOT_FP32=_INTERPRETED, num_warps=cfg["num_warps"],
+    )  # fmt: skip
     return out
 
 

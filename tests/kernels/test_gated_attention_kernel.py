@@ -81,3 +81,41 @@ def test_launcher_checks():
     if DEV == "cpu":
         with pytest.raises(ValueError, match="out of range"):
             gated_attention(q, k, v, torch.tensor([[[0, 9], [0, 1]]]), 16)
+
+
+def test_padded_and_out_of_range_indices_select_nothing():
+    """With counts, the counted entries may hold -1 padding or indices past the cache: skipped, never NaN."""
+    q, k, v = make(2, 4, 2, 100, 16, torch.float16, seed=7)  # 100 tokens: 7 blocks of 16, the last partial
+    idx = torch.tensor([[[3, -1, 0, 9], [6, 7, 200, -1]], [[-1, -1, -1, -1], [1, 2, 3, 4]]], dtype=torch.int32, device=DEV)
+    counts = torch.tensor([[4, 4], [4, 2]], dtype=torch.int32, device=DEV)
+    valid = torch.tensor([[[3, 0, -1, -1], [6, -1, -1, -1]], [[-1, -1, -1, -1], [1, 2, -1, -1]]], dtype=torch.int32,
+                         device=DEV)
+    ref = gated_attention_ref(q, k, v, valid, 16)
+    for splits in (1, 3):
+        y = gated_attention(q, k, v, idx, 16, counts=counts, num_splits=splits)
+        assert not y.isnan().any()
+        check_close(y, ref)
+        assert (y[1, :2] == 0).all()  # a head with nothing valid selected outputs zeros
+
+
+def test_repeated_calls_and_more_splits_than_blocks():
+    # the in-kernel combine's arrival counters must be back at zero after every call
+    q, k, v = make(1, 8, 2, 300, 32, torch.bfloat16, seed=9)
+    mask = random_mask(1, 2, 10, 0.3, seed=4)
+    ref = gated_attention_ref(q, k, v, mask, 32)
+    first = gated_attention(q, k, v, mask, 32, num_splits=7)
+    for splits in (7, 7, 16, 2):
+        check_close(gated_attention(q, k, v, mask, 32, num_splits=splits), ref)
+    assert torch.equal(first, gated_attention(q, k, v, mask, 32, num_splits=7))
+
+
+def test_configs_the_gpu_cannot_run_are_refused():
+    from llmprune.kernels.gated_attention import gated_config, shared_bytes
+
+    q, k, v = make(1, 2, 1, 512, 256, torch.float16)
+    with pytest.raises(ValueError, match="shared memory"):
+        gated_attention(q, k, v, torch.ones(1, 1, 2, dtype=torch.bool, device=DEV), 256)
+    with pytest.raises(ValueError, match="num_splits"):
+        gated_attention(q, k, v, torch.ones(1, 1, 8, dtype=torch.bool, device=DEV), 64, num_splits=65)
+    cfg = gated_config(8, 52, 4, 128, 64, num_sms=132)
+    assert cfg["NUM_SPLITS"] == 26 and shared_bytes(cfg, 2) <= 227 * 1024  # one split per 2 selected blocks

@@ -89,3 +89,27 @@ def test_launcher_checks():
         kv_bitmap_attention(q, *cache, out=torch.empty(1, 4, 1, 64, device=DEV))
     with pytest.raises(ValueError, match="kv_mask"):
         kv_bitmap_attention(q, *cache, kv_mask=torch.ones(1, 3, dtype=torch.bool, device=DEV))
+
+
+def test_block_n_and_shared_memory_are_validated():
+    dtype = torch.float16
+    cache = make_cache(1, 2, 40, 64, dtype)
+    q = torch.randn(1, 4, 1, 64).to(dtype).to(DEV)
+    for bn in (48, 8, 256):
+        with pytest.raises(ValueError, match="block_n must be a power of two"):
+            kv_bitmap_attention(q, *cache, block_n=bn)
+    big = make_cache(1, 1, 130, 256, torch.bfloat16)
+    q256 = torch.randn(1, 2, 1, 256).to(torch.bfloat16).to(DEV)
+    with pytest.raises(ValueError, match="shared memory"):  # about 274 KB on the GPU: refused before launching
+        kv_bitmap_attention(q256, *big, block_n=128)
+
+
+def test_repeated_calls_reset_the_combine_counters():
+    dtype = torch.bfloat16
+    cache = make_cache(2, 2, 150, 64, dtype, seed=11)
+    q = torch.randn(2, 8, 1, 64).to(dtype).to(DEV)
+    ref = kv_bitmap_attention_ref(q, *cache)
+    first = kv_bitmap_attention(q, *cache, num_splits=3)
+    for splits in (3, 1, 4, 3):
+        check_close(kv_bitmap_attention(q, *cache, num_splits=splits), ref)
+    assert torch.equal(first, kv_bitmap_attention(q, *cache, num_splits=3))

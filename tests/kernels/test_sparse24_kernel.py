@@ -74,3 +74,28 @@ def test_launcher_checks():
         sparse24_linear(x, v, meta, out=torch.empty(2, 15, dtype=torch.float16, device=DEV))
     with pytest.raises(ValueError, match="bias"):
         sparse24_linear(x, v, meta, bias=torch.zeros(3, dtype=torch.float16, device=DEV))
+
+
+def test_split_k_finishes_in_one_launch_and_resets_its_counters():
+    from llmprune.kernels import _device
+
+    dtype = torch.float16
+    v, meta = packed(24, 1024, dtype, seed=5)
+    x = torch.randn(1, 1024).to(dtype).to(DEV)
+    ref = sparse24_linear_ref(x, v, meta)
+    cfg = dict(heuristic_config(1, 24, 1024, torch.device(DEV)), SPLIT_K=4, BLOCK_G=32)
+    for _ in range(3):
+        check_close(sparse24_linear(x, v, meta, config=cfg), ref)
+    assert int(_device.arrival_counters(x.device, 1).abs().sum()) == 0
+
+
+def test_configs_are_validated_before_launch():
+    v, meta = packed(16, 64, torch.float16)
+    x = torch.randn(1, 64).to(torch.float16).to(DEV)
+    cfg = heuristic_config(1, 16, 64, torch.device(DEV))
+    with pytest.raises(ValueError, match="shared memory"):
+        sparse24_linear(x, v, meta, config=dict(cfg, BLOCK_N=256, BLOCK_G=512))
+    with pytest.raises(ValueError, match="powers of two"):
+        sparse24_linear(x, v, meta, config=dict(cfg, BLOCK_N=24))
+    with pytest.raises(ValueError, match="lacks"):
+        sparse24_linear(x, v, meta, config={"BLOCK_N": 16})
