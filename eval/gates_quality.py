@@ -27,7 +27,8 @@ from llmprune.calibration.data import load_calibration
 from llmprune.config import CalibConfig
 from llmprune.evaluate.perplexity import perplexity, token_stream, wikitext2_text
 from llmprune.model.loading import load_pretrained, load_tokenizer
-from llmprune.runtime.gates.gate import GateConfig, save_gates
+from llmprune.runtime.gates.files import save_gates
+from llmprune.runtime.gates.gate import GateConfig
 from llmprune.runtime.gates.runtime import attach_gates
 from llmprune.runtime.gates.training import train_gates
 

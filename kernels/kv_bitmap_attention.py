@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from llmprune.formats.bitmap import TILE, BitmapTensor, unpack_bitmap
+from llmprune.formats.bitmap import TILE, unpack_by_offsets
 
 from ._device import arrival_counters, check_shared, device_info
 
@@ -406,8 +406,8 @@ def kv_bitmap_attention_ref(
     def dense(bm, off, vals):
         if n_compressed == 0:
             return vals.new_zeros(B, Hkv, 0, d)
-        bt = BitmapTensor(bm[..., :nt], off[..., :nt], vals, n_compressed * d)
-        return unpack_bitmap(bt).view(B, Hkv, n_compressed, d)
+        # Through the offsets, as the kernel reads them (rows may share one values buffer: per-head keep counts).
+        return unpack_by_offsets(bm[..., :nt], off[..., :nt], vals, n_compressed * d).view(B, Hkv, n_compressed, d)
 
     k = torch.cat([dense(k_bitmap, k_offsets, k_values), k_window], dim=2).float()
     v = torch.cat([dense(v_bitmap, v_offsets, v_values), v_window], dim=2).float()

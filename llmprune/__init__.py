@@ -31,7 +31,8 @@ from llmprune.prune.methods import CFSPConfig, MagnitudeConfig, SparseGPTConfig,
 from llmprune.prune.registry import available_methods, register  # noqa: E402
 from llmprune.prune.report import PruneReport  # noqa: E402
 from llmprune.recipe import load_recipe  # noqa: E402
-from llmprune.runtime.gates.gate import AttnGate, GateConfig, load_gates, save_gates  # noqa: E402
+from llmprune.runtime.gates.files import load_gates, save_gates  # noqa: E402
+from llmprune.runtime.gates.gate import AttnGate, GateConfig  # noqa: E402
 from llmprune.runtime.gates.runtime import GateRuntime, attach_gates, detach_gates, gate_runtime  # noqa: E402
 from llmprune.runtime.gates.training import train_gates  # noqa: E402
 from llmprune.runtime.kvcache import BitmapKVCache  # noqa: E402

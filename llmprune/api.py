@@ -6,7 +6,6 @@ The CLI and the eval scripts are thin wrappers over these.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,13 +15,12 @@ import torch
 from torch import nn
 
 from llmprune.calibration.capture import capture_layer_inputs
-from llmprune.calibration.data import clip_seqlen, load_calibration
-from llmprune.config import CalibConfig, PruneConfig, Recipe
-from llmprune.engine.activations import check_activation_memory
+from llmprune.calibration.data import check_calib_source, clip_seqlen, load_calibration
+from llmprune.config import PruneConfig, Recipe
 from llmprune.engine.layerwise import prune_layerwise
-from llmprune.engine.resume import finished_output
-from llmprune.engine.run import hidden_size, model_is_path
-from llmprune.engine.step import check_finite, check_stages, verify_model
+from llmprune.engine.preflight import check_model_finite, preflight
+from llmprune.engine.run import model_is_path
+from llmprune.engine.step import check_stages, verify_model
 from llmprune.engine.streaming import (
     StreamOptions,
     check_offload_dir,
@@ -30,14 +28,12 @@ from llmprune.engine.streaming import (
     compress_streaming,
     use_streaming,
 )
-from llmprune.errors import ConfigError, LlmpruneError
-from llmprune.formats.checkpoint import check_output, get_format, read_metadata, save_checkpoint
+from llmprune.engine.workdir import finished_output
+from llmprune.errors import ConfigError
+from llmprune.formats.checkpoint import check_output, get_format, save_checkpoint
 from llmprune.formats.metadata import build_metadata, check_record_paths
 from llmprune.model.access import (
     DEFAULT_IGNORE,
-    decoder_layers,
-    decoder_layers_path,
-    linear_modules,
     matches_any,
 )
 from llmprune.model.device import resolve_device
@@ -101,7 +97,7 @@ def prune(
             method = method_for_config(stage)
             patterns = DEFAULT_IGNORE + tuple(stage.ignore)
             if method.kind == "model":
-                _check_model_finite(model, patterns)
+                check_model_finite(model, patterns)
                 ctx = PruneContext(calib, dev, batch_size, progress, patterns)
                 stage_reports = method.fn(model, stage, ctx)
                 verify_model(model, [stage], stage_reports)
@@ -124,67 +120,6 @@ def prune(
         model.train(was_training)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _check_model_finite(model: nn.Module, patterns: tuple[str, ...]) -> None:
-    """Before a whole-model method: no linear of the decoder layers it may prune holds NaN/inf."""
-    prefix = decoder_layers_path(model)
-    for idx, layer in enumerate(decoder_layers(model)):
-        targets = {n: m for n, m in linear_modules(layer).items() if not matches_any(f"{prefix}.{idx}.{n}", patterns)}
-        check_finite(targets, lambda n, i=idx: f"{prefix}.{i}.{n}")
-
-
-def _meta_model(resolved: str, trust_remote_code: bool) -> nn.Module | None:
-    """The model of ``resolved`` on the meta device, built from its config alone (no weights are read), or None
-    when that is not possible without loading (a non-dense llmprune checkpoint, an unknown config)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    meta = read_metadata(resolved) if Path(resolved).is_dir() else None
-    if meta and meta.get("format", "dense") != "dense":  # packed / structured: shapes differ from the config's
-        return None
-    try:
-        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-        with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # offline Hub id, custom architecture...: the real load reports it
-        log.debug("no meta-device model of %s before loading: %s", resolved, exc)
-        return None
-
-
-def _check_calib_source(cal: CalibConfig) -> None:
-    """A calibration source that names a file must be one (before the model is loaded)."""
-    path = Path(os.path.expanduser(cal.source))
-    if (path.suffix.lower() in (".txt", ".jsonl", ".json", ".parquet") or path.exists()) and not path.is_file():
-        raise LlmpruneError(f"calibration file not found: {cal.source}")
-
-
-def _preflight(resolved: str, recipe: Recipe, *, dtype: str, device: torch.device, trust_remote_code: bool,
-               streaming: bool) -> None:
-    """What can be checked from the model's config before any weight is read: the stages against the linear
-    shapes (--ignore patterns, N:M), and (in memory) the calibration activations against the RAM."""
-    model = _meta_model(resolved, trust_remote_code)
-    if model is None:
-        return
-    check_stages(model, recipe.stages)
-    if streaming or not any(method_for_config(s).needs_calibration for s in recipe.stages):
-        return  # the streaming engine checks its activations itself (they may go to disk)
-    config = model.config
-    hidden = hidden_size(config)
-    if hidden is None:
-        return
-    torch_dtype = parse_dtype(dtype)
-    if not isinstance(torch_dtype, torch.dtype):
-        torch_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        if isinstance(torch_dtype, str):
-            torch_dtype = getattr(torch, torch_dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            torch_dtype = torch.float32
-    cal = recipe.calibration
-    seqlen = min(cal.seqlen, getattr(config, "max_position_embeddings", None) or cal.seqlen)
-    weights = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=torch_dtype).element_size()
-    check_activation_memory(cal.nsamples, seqlen, hidden, torch_dtype, device=device, streaming=False,
-                            reserved=weights if device.type == "cpu" else 0)
 
 
 def compress(
@@ -242,7 +177,7 @@ def compress(
     check_stream_options(opts)
     needs_calib = any(method_for_config(s).needs_calibration for s in recipe.stages)
     if needs_calib:
-        _check_calib_source(recipe.calibration)
+        check_calib_source(recipe.calibration)
     fmt = get_format(recipe.save.format)
     if fmt.check is not None:
         fmt.check(recipe)
@@ -257,7 +192,7 @@ def compress(
         output = check_output(output, overwrite, inputs=inputs)
     check_offload_dir(offload_dir, inputs=inputs, output=output)
     stream_dir = use_streaming(resolved, recipe, low_memory=low_memory, resume=resume)
-    _preflight(resolved, recipe, dtype=dtype, device=dev, trust_remote_code=trust_remote_code,
+    preflight(resolved, recipe, dtype=dtype, device=dev, trust_remote_code=trust_remote_code,
                streaming=stream_dir is not None)
     if stream_dir is not None:
         return compress_streaming(model_ref if model_ref is not None else DEFAULT_MODEL, stream_dir, recipe, output,

@@ -26,6 +26,7 @@ import traceback
 
 from llmprune._version import __version__
 from llmprune.commands import bench as _bench
+from llmprune.commands import calibrate_kv as _calibrate_kv
 from llmprune.commands import compress as _compress
 from llmprune.commands import convert as _convert
 from llmprune.commands import eval as _eval
@@ -36,7 +37,7 @@ from llmprune.commands import train_gates as _train_gates
 from llmprune.errors import LlmpruneError
 from llmprune.publish.hub import hub_error_message
 
-COMMANDS = (_compress, _ppl, _eval, _bench, _push, _convert, _train_gates, _generate)
+COMMANDS = (_compress, _ppl, _eval, _bench, _push, _convert, _train_gates, _generate, _calibrate_kv)
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
 EXIT_INTERRUPTED = 130

@@ -175,11 +175,16 @@ class RuntimeConfig:
         kv_k_sparsity, kv_v_sparsity: separate K / V sparsity (override ``kv_sparsity``), or None.
         kv_window: recent tokens the bitmap KV cache keeps dense (default :data:`DEFAULT_KV_WINDOW`), or None.
         gates: directory of attention gates saved by ``llmprune train-gates`` to attach, or None.
+        kv_allocation: per-layer / per-KV-head KV budgets: the path of a ``kv_budgets.json`` written by
+            ``llmprune calibrate-kv`` (relative paths in a checkpoint's ``llmprune.json`` are relative to the
+            checkpoint), or ``"uniform"`` (the default: every layer and head at the same sparsity), or None.
+            With a path alone the cache runs at the file's mean sparsities; given sparsities must equal them.
     """
 
     #: Fields of the bitmap KV cache and of the attention gates; a source that sets any field of a group
     #: replaces that whole group of the source below it (see :meth:`override`). Every field is in one group.
-    KV_FIELDS: ClassVar[tuple[str, ...]] = ("kv_sparsity", "kv_k_sparsity", "kv_v_sparsity", "kv_window")
+    KV_FIELDS: ClassVar[tuple[str, ...]] = ("kv_sparsity", "kv_k_sparsity", "kv_v_sparsity", "kv_window",
+                                            "kv_allocation")
     ATTN_FIELDS: ClassVar[tuple[str, ...]] = ("attn_sparsity", "gates")
     GROUPS: ClassVar[tuple[tuple[str, ...], ...]] = (KV_FIELDS, ATTN_FIELDS)
 
@@ -193,6 +198,9 @@ class RuntimeConfig:
         "--kv-window", f"with the bitmap KV cache: recent tokens kept dense (default {DEFAULT_KV_WINDOW})", int, "TOKENS")
     gates: str | None = _runtime_field(
         "--gates", "attach the attention gates saved by llmprune train-gates in DIR", str, "DIR")
+    kv_allocation: str | None = _runtime_field(
+        "--kv-allocation", "bitmap KV cache budgets per layer and KV head: a kv_budgets.json (or its directory) "
+        "from llmprune calibrate-kv, or 'uniform' (default)", str, "PATH")
 
     def __post_init__(self) -> None:
         flag = {f.name: f.metadata["flag"] for f in dataclasses.fields(self)}
@@ -203,12 +211,21 @@ class RuntimeConfig:
         for name in ("kv_sparsity", "attn_sparsity"):
             if getattr(self, name) is not None:
                 _check_fraction(flag[name], name, getattr(self, name))
+        if self.kv_allocation is not None:
+            if not isinstance(self.kv_allocation, (str, os.PathLike)) or not str(self.kv_allocation):
+                raise ConfigError(f"--kv-allocation must be 'uniform' or a path, got {self.kv_allocation!r} "
+                                  "(runtime.kv_allocation)")
+            self.kv_allocation = str(self.kv_allocation)
+            if self.kv_allocation == "uniform" and not self.kv_enabled:
+                raise ConfigError("--kv-allocation uniform needs --kv-sparsity (or --k-sparsity/--v-sparsity) "
+                                  "(runtime.kv_allocation)")
         if self.kv_window is not None:
             w = self.kv_window
             if isinstance(w, bool) or not isinstance(w, int) or w < 1:
                 raise ConfigError(f"--kv-window must be an integer >= 1, got {w!r} (runtime.kv_window)")
             if not self.kv_enabled:
-                raise ConfigError("--kv-window needs --kv-sparsity (or --k-sparsity/--v-sparsity) (runtime.kv_window)")
+                raise ConfigError("--kv-window needs --kv-sparsity (or --k-sparsity/--v-sparsity or "
+                                  "--kv-allocation FILE) (runtime.kv_window)")
         if self.gates is not None:
             if not isinstance(self.gates, (str, os.PathLike)) or not str(self.gates):
                 raise ConfigError(f"--gates must be a directory, got {self.gates!r} (runtime.gates)")
@@ -225,7 +242,9 @@ class RuntimeConfig:
 
     @property
     def kv_enabled(self) -> bool:
-        """True when the bitmap KV cache is on (a K or V sparsity is set)."""
+        """True when the bitmap KV cache is on (a K or V sparsity, or a budgets file, is set)."""
+        if self.kv_allocation is not None and self.kv_allocation != "uniform":
+            return True
         return any(getattr(self, n) is not None for n in ("kv_sparsity", "kv_k_sparsity", "kv_v_sparsity"))
 
     @property
@@ -237,14 +256,21 @@ class RuntimeConfig:
         """Resolved ``{"k_sparsity", "v_sparsity", "window"}`` for the bitmap KV cache, or None (dense cache).
 
         K and V fall back to ``kv_sparsity``, then to 0 when only the other one is set; the window to
-        :data:`DEFAULT_KV_WINDOW`.
+        :data:`DEFAULT_KV_WINDOW`. With a budgets file (``kv_allocation``) the dict also has ``"allocation"``
+        (the path), and K / V are None when no sparsity is given (the cache takes the file's means).
         """
         if not self.kv_enabled:
             return None
         k = self.kv_k_sparsity if self.kv_k_sparsity is not None else self.kv_sparsity
         v = self.kv_v_sparsity if self.kv_v_sparsity is not None else self.kv_sparsity
         window = self.kv_window if self.kv_window is not None else DEFAULT_KV_WINDOW
-        return {"k_sparsity": float(k or 0.0), "v_sparsity": float(v or 0.0), "window": window}
+        out: dict[str, Any] = {"k_sparsity": float(k or 0.0), "v_sparsity": float(v or 0.0), "window": window}
+        if self.kv_allocation is not None and self.kv_allocation != "uniform":
+            given = any(getattr(self, n) is not None for n in ("kv_sparsity", "kv_k_sparsity", "kv_v_sparsity"))
+            if not given:
+                out["k_sparsity"] = out["v_sparsity"] = None
+            out["allocation"] = self.kv_allocation
+        return out
 
     def override(self, other: RuntimeConfig) -> RuntimeConfig:
         """``self`` with ``other`` on top, group by group: a group ``other`` sets any field of is taken from it.

@@ -106,3 +106,34 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def checkpoint_tensors(directory) -> dict:
+    """Every tensor of a checkpoint directory's safetensors files."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def assert_same_checkpoint(a, b) -> None:
+    """Two checkpoints hold bit-identical tensors and the same ``llmprune.json`` up to run-specific fields.
+
+    Timing, the command line, the base model and the calibration source are recorded per run (the last two
+    relative to each output), so they are not compared.
+    """
+    import json
+
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    ma, mb = (json.loads((Path(d) / "llmprune.json").read_text()) for d in (a, b))
+    for m in (ma, mb):
+        for k in ("prune_seconds", "command", "base_model"):
+            m.pop(k, None)
+        for d in (m["recipe"]["calibration"], m.get("calibration") or {}):
+            d.pop("source", None)
+    assert ma == mb

@@ -211,3 +211,10 @@ def load_calibration(cfg: CalibConfig, tokenizer, model=None) -> torch.Tensor:
     if not texts:
         raise LlmpruneError(f"calibration dataset {source!r} contains no text")
     return token_windows(texts, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, source)
+
+
+def check_calib_source(cal: CalibConfig) -> None:
+    """A calibration source that names a file must be one (before the model is loaded)."""
+    path = Path(os.path.expanduser(cal.source))
+    if (path.suffix.lower() in (".txt", ".jsonl", ".json", ".parquet") or path.exists()) and not path.is_file():
+        raise LlmpruneError(f"calibration file not found: {cal.source}")

@@ -13,16 +13,9 @@ from llmprune.commands.common import (
 )
 from llmprune.config import RuntimeConfig
 from llmprune.errors import ConfigError
-from llmprune.evaluate.lm_eval import (
-    DATA_ENV,
-    OFFLINE_TASKS,
-    evaluate,
-    format_table,
-    lm_eval_entries,
-    resolve_data_dir,
-    write_task_dir,
-)
+from llmprune.evaluate.lm_eval import evaluate, format_table, lm_eval_entries
 from llmprune.evaluate.results import is_checkpoint_dir, record_results
+from llmprune.evaluate.task_files import DATA_ENV, OFFLINE_TASKS, resolve_data_dir, write_task_dir
 from llmprune.formats.checkpoint import read_metadata
 from llmprune.formats.metadata import resolve_base_model
 from llmprune.model.device import resolve_device

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if kv is not None:
         rep = cache.memory_report()
         summary += (
-            f"; bitmap KV cache K {kv['k_sparsity']:g} / V {kv['v_sparsity']:g}, window {kv['window']}: "
+            f"; bitmap KV cache K {cache.k_sparsity:g} / V {cache.v_sparsity:g}, window {kv['window']}: "
             f"{rep['stored_bytes'] / 2**20:.2f} MiB vs {rep['dense_bytes'] / 2**20:.2f} MiB dense ({rep['ratio']:.1%}; "
             f"{cache.compression_ratio(element_size=2):.1%} for a 16-bit cache)"
         )

@@ -12,9 +12,11 @@ from llmprune.calibration.data import load_calibration
 from llmprune.commands.common import add_model_arguments, check_output_dir
 from llmprune.config import CalibConfig, RuntimeConfig
 from llmprune.errors import ConfigError
+from llmprune.formats.gates_meta import GATES_FILE
 from llmprune.model.device import resolve_device
 from llmprune.model.loading import DEFAULT_MODEL, load_tokenizer
-from llmprune.runtime.gates.gate import GATES_FILE, GateConfig, save_gates
+from llmprune.runtime.gates.files import save_gates
+from llmprune.runtime.gates.gate import GateConfig
 from llmprune.runtime.gates.training import train_gates
 from llmprune.runtime.load import load_model
 

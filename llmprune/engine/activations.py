@@ -165,10 +165,16 @@ def remove_layer_files(directory: Path) -> None:
 
 
 def _remove_batches(layer: Path, foreign: list[Path]) -> None:
-    for f in layer.iterdir():
+    # Every rank of a multi-process run drops the same shared layer directory, so files (or the directory
+    # itself) may vanish under us: that is fine, they were ours to delete anyway.
+    try:
+        entries = list(layer.iterdir())
+    except FileNotFoundError:
+        return
+    for f in entries:
         if _BATCH_FILE.fullmatch(f.name) and (f.is_symlink() or f.is_file()):
-            f.unlink()
-        else:
+            f.unlink(missing_ok=True)
+        elif f.exists() or f.is_symlink():
             foreign.append(f)
     try:
         layer.rmdir()

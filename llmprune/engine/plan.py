@@ -20,7 +20,8 @@ from torch import nn
 
 from llmprune.engine.source import SafetensorsSource
 from llmprune.errors import LlmpruneError
-from llmprune.formats.reading import dtype_compatible, first_line, preview
+from llmprune.formats.reading import first_line, preview
+from llmprune.formats.safetensors_io import dtype_compatible
 from llmprune.model.access import decoder_layers, decoder_layers_path
 from llmprune.model.loading import load_config, parse_dtype
 

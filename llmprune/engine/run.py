@@ -1,14 +1,14 @@
 """One streaming compress run on this rank: calibration, layer-0 capture, the layer loop, the final checkpoint.
 
 :class:`StreamingRun` is what :func:`llmprune.engine.streaming.compress_streaming` drives; its steps share the
-meta-device model, the output plan, the work directory and the calibration activations.
+meta-device model, the output plan, the work directory and the calibration activations. The steps before the
+layer loop (calibration ids, layer-0 capture) are in :mod:`llmprune.engine.calibration_phase`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from functools import partial
@@ -18,23 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmprune.calibration.capture import LayerInputs, capture_layer_inputs, run_layer
-from llmprune.calibration.data import clip_seqlen, load_calibration
-from llmprune.calibration.distributed import (
-    DistContext,
-    broadcast_object,
-    broadcast_tensor,
-    make_reduction,
-    owned_batches,
-)
+from llmprune.calibration.capture import LayerInputs, run_layer
+from llmprune.calibration.distributed import DistContext, make_reduction
 from llmprune.config import CalibConfig, Recipe
-from llmprune.engine.activations import (
-    HiddenStore,
-    available_ram,
-    batch_shapes,
-    check_activation_memory,
-    store_mode,
-)
+from llmprune.engine.activations import HiddenStore, check_activation_memory
+from llmprune.engine.calibration_phase import CalibrationPhase
 from llmprune.engine.options import SimulatedInterruption, StreamOptions, parse_size
 from llmprune.engine.plan import (
     build_skeleton,
@@ -44,30 +32,23 @@ from llmprune.engine.plan import (
     release_freed_memory,
     to_meta,
 )
-from llmprune.engine.resume import (
-    RunLock,
-    RunState,
-    WorkDir,
-    commit,
-    fingerprint,
-    finished_output,
-    hidden_spec,
-    relative_source,
-    remove_work_dir,
-    resolve_hidden,
-    start_or_resume,
-)
+from llmprune.engine.resume import RunState, commit, fingerprint, relative_source, start_or_resume
 from llmprune.engine.source import SafetensorsSource
 from llmprune.engine.step import check_stages, prune_layer
+from llmprune.engine.workdir import (
+    RunLock,
+    WorkDir,
+    finished_output,
+    hidden_spec,
+    remove_work_dir,
+    resolve_hidden,
+)
 from llmprune.errors import ConfigError, LlmpruneError
 from llmprune.formats.checkpoint import METADATA_FILE, move_into_place, read_metadata
 from llmprune.formats.metadata import build_metadata
-from llmprune.formats.reading import load_torch
 from llmprune.formats.shards import ShardWriter
 from llmprune.model.access import DEFAULT_IGNORE, decoder_layers, matches_any
-from llmprune.model.device import to_device
 from llmprune.model.loading import ALIASES, load_tokenizer
-from llmprune.model.network import hub_reachable
 from llmprune.prune.registry import method_for_config
 from llmprune.prune.report import CompressResult, PruneReport
 
@@ -89,18 +70,7 @@ def hidden_size(config) -> int | None:
     return None
 
 
-def _load_saved(path: Path, what: str, work: WorkDir):
-    """A torch file this run saved, read with :func:`~llmprune.formats.reading.load_torch` (``weights_only``);
-    a missing or damaged one is one clear error."""
-    if not path.is_file():
-        raise LlmpruneError(f"{what} of the interrupted run is missing ({path}); {work.hint()}")
-    try:
-        return load_torch(path, map_location="cpu")
-    except LlmpruneError as exc:
-        raise LlmpruneError(f"{what}: {exc}; {work.hint()}") from None
-
-
-class StreamingRun:
+class StreamingRun(CalibrationPhase):
     """A streaming compress of the safetensors checkpoint ``path`` into ``output`` (this rank's part).
 
     Building it reads the model's layout (meta device) and the tokenizer; :meth:`run` does the rest.
@@ -203,63 +173,6 @@ class StreamingRun:
         self.ctx.barrier()
         return CompressResult(self.output, PruneReport(state.reports, state.seconds), metadata)
 
-    def _calibration_ids(self, resumed: RunState | None) -> torch.Tensor | None:
-        """``[nsamples, seqlen]`` calibration ids on every rank (rank 0 loads them; saved for ``--resume``)."""
-        ctx, calib, error = self.ctx, None, None
-        if resumed is not None:
-            if (resumed.calibration is not None) != self.method.needs_calibration:
-                raise LlmpruneError(f"{self.work.state} does not match the method {self.method.name!r} "
-                                    f"(calibration {'recorded' if resumed.calibration else 'missing'}); "
-                                    f"{self.work.hint()}")
-            if resumed.calibration is not None:
-                # the source as the current command names it (the fingerprint says it is the same file)
-                self.calib_cfg = CalibConfig(**{**resumed.calibration, "source": self.recipe.calibration.source})
-            else:
-                self.calib_cfg = self.recipe.calibration
-            if ctx.is_main and resumed.calibration is not None:
-                try:
-                    calib = _load_saved(self.work.calib, "calibration data", self.work)
-                    cfg = self.calib_cfg
-                    if not (isinstance(calib, torch.Tensor) and calib.dtype == torch.int64
-                            and tuple(calib.shape) == (cfg.nsamples, cfg.seqlen)):
-                        raise LlmpruneError(f"calibration data {self.work.calib} is not the [{cfg.nsamples}, "
-                                            f"{cfg.seqlen}] token ids state.json describes; {self.work.hint()}")
-                except LlmpruneError as exc:
-                    error = str(exc)
-        elif ctx.is_main:
-            self.calib_cfg = self.recipe.calibration
-            if self.method.needs_calibration:
-                t_cal = time.perf_counter()
-                calib = self._load_calibration()
-                log.info("calibration data: %s in %.1fs", tuple(calib.shape), time.perf_counter() - t_cal)
-                torch.save(calib, self.work.calib)
-        error = broadcast_object(error, ctx)
-        if error:
-            raise LlmpruneError(error)
-        self.calib_cfg = broadcast_object(self.calib_cfg, ctx)
-        if not broadcast_object(calib is not None, ctx):
-            return None
-        if ctx.enabled:
-            calib = broadcast_tensor(calib.to(self.device) if ctx.is_main else None, ctx, self.device).cpu()
-        return calib
-
-    def _load_calibration(self) -> torch.Tensor:
-        """Rank 0: the recipe's calibration ids (``seqlen`` clipped to the model's context)."""
-        self.calib_cfg = clip_seqlen(self.calib_cfg, self.plan.config)
-        source = self.calib_cfg.source
-        needs_model = source == "self" or (source == "auto" and not hub_reachable())
-        model = None
-        if needs_model:  # sampling from the model: accelerate big-model inference, offloading what does not fit
-            from transformers import AutoModelForCausalLM
-
-            offload = str(self.opts.offload_dir or self.work.root / "offload")
-            kw = {"dtype": self.plan.dtype, "device_map": "auto", "offload_folder": offload}
-            if self.opts.max_memory is not None:
-                kw["max_memory"] = {"cpu": parse_size(self.opts.max_memory)}
-            model = AutoModelForCausalLM.from_pretrained(self.path, trust_remote_code=self.trust_remote_code, **kw)
-            model.eval()
-        return load_calibration(self.calib_cfg, self.tokenizer, model)
-
     def _open_writer(self, reopen: bool) -> ShardWriter | None:
         """Rank 0: the output shards, with the tensors outside the decoder layers copied in on a fresh start."""
         writer = None
@@ -273,58 +186,6 @@ class StreamingRun:
                 writer.flush()
             self.src.close()
         return writer
-
-    def _first_inputs(self, calib: torch.Tensor, resumed: RunState | None, hidden_dir: Path, start: int) -> None:
-        """This rank's batches and their inputs of layer ``start`` (captured at layer 0, or saved ones).
-
-        Layer 0's inputs are captured one batch at a time and stored at once, so activations that go to disk
-        are never all in memory together.
-        """
-        device, ctx, plan, model = self.device, self.ctx, self.plan, self.model
-        batch_size = self.calib_cfg.batch_size
-        self.n_batches = math.ceil(calib.shape[0] / batch_size)
-        self.mine = owned_batches(self.n_batches, ctx)
-        if resumed is None:
-            keys = plan.other_keys + plan.layer_keys[0]
-            load_tensors(model, keys, self.src, plan, device)
-            args, kwargs = [], []
-            store = None
-            for g in self.mine:
-                captured = capture_layer_inputs(model, calib[g * batch_size:(g + 1) * batch_size], device, batch_size)
-                t = captured.hidden[0]
-                if store is None:
-                    rows = sum(min(batch_size, calib.shape[0] - b * batch_size) for b in self.mine)
-                    nbytes = rows * t[0].numel() * t.element_size()
-                    nbytes = broadcast_object(nbytes, ctx, 0)
-                    mode = store_mode(nbytes, device, parse_size(self.opts.max_memory), ram=available_ram())
-                    log.info("calibration activations: %.1f MiB on this rank, kept in %s", nbytes / 2**20, mode)
-                    store = HiddenStore(mode, device, hidden_dir, {}, t.dtype)
-                store.add(0, g, t)
-                args.append(captured.args[0])
-                kwargs.append(captured.kwargs[0])
-                del captured, t
-            if store is None:  # a rank without batches still takes part in the broadcast
-                mode = store_mode(broadcast_object(0, ctx, 0), device, parse_size(self.opts.max_memory))
-                store = HiddenStore(mode, device, hidden_dir)
-            to_meta(model, keys)
-            model.tie_weights()
-            self.extra = LayerInputs([], args, kwargs)
-            cpu = torch.device("cpu")
-            torch.save({"args": to_device(args, cpu), "kwargs": to_device(kwargs, cpu)}, self.work.inputs(ctx.rank))
-            self.store = store
-            return
-        shapes = batch_shapes(calib.shape[0], batch_size, self.mine, (calib.shape[1], None))
-        self.store = HiddenStore(resumed.store, device, hidden_dir, shapes)
-        if start >= len(plan.layer_keys):  # interrupted after the last layer: nothing left to run
-            self.extra = LayerInputs()
-            return
-        saved = _load_saved(self.work.inputs(ctx.rank), "layer inputs", self.work)
-        if not (isinstance(saved, dict) and isinstance(saved.get("args"), list) and isinstance(saved.get("kwargs"), list)
-                and len(saved["args"]) == len(saved["kwargs"]) == len(self.mine)):
-            raise LlmpruneError(f"layer inputs {self.work.inputs(ctx.rank)} do not match the calibration batches; "
-                                f"{self.work.hint()}")
-        self.extra = LayerInputs([], to_device(saved["args"], device), to_device(saved["kwargs"], device))
-        self.store.init(start, None, self.mine)
 
     def _ignore(self, name: str) -> bool:
         return matches_any(name, self.patterns)

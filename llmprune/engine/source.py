@@ -2,8 +2,8 @@
 
 :class:`SafetensorsSource` hands out one tensor at a time from the memory-mapped files
 (``safetensors.safe_open``), so reading a checkpoint costs no memory beyond the tensors in use; every file is
-checked by :mod:`llmprune.formats.reading` first (headers, index entries inside the directory, finite values);
-:func:`local_safetensors` and :func:`hub_safetensors` find such a directory for a model reference.
+checked by :mod:`llmprune.formats.safetensors_io` first (headers, index entries inside the directory, finite
+values); :func:`local_safetensors` and :func:`hub_safetensors` find such a directory for a model reference.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ import torch
 
 from llmprune.errors import LlmpruneError
 from llmprune.formats.checkpoint import read_metadata
-from llmprune.formats.reading import (
+from llmprune.formats.reading import index_weight_map, preview
+from llmprune.formats.safetensors_io import (
     SAFETENSORS_INDEX,
     SafetensorsFile,
     TensorInfo,
-    index_weight_map,
     is_finite,
     open_safetensors,
-    preview,
     read_safetensors_header,
 )
 

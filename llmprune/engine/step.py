@@ -19,7 +19,7 @@ from llmprune.calibration.distributed import Reduction
 from llmprune.calibration.stats import Accumulators, make_accumulator
 from llmprune.config import PruneConfig
 from llmprune.errors import ConfigError, LlmpruneError
-from llmprune.formats.reading import is_finite
+from llmprune.formats.safetensors_io import is_finite
 from llmprune.model.access import (
     DEFAULT_IGNORE,
     decoder_layers,

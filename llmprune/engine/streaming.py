@@ -37,9 +37,9 @@ from llmprune.calibration.distributed import REDUCTIONS, env_world_size, setup
 from llmprune.config import Recipe
 from llmprune.engine.activations import available_ram as _available_ram
 from llmprune.engine.options import SimulatedInterruption, StreamOptions, parse_size
-from llmprune.engine.resume import finished_output
 from llmprune.engine.run import StreamingRun
 from llmprune.engine.source import SafetensorsSource, hub_safetensors, local_safetensors
+from llmprune.engine.workdir import finished_output
 from llmprune.errors import ConfigError
 from llmprune.formats.checkpoint import check_output
 from llmprune.prune.registry import method_for_config

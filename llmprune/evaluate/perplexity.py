@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from llmprune.config import DEFAULT_KV_WINDOW
 from llmprune.errors import LlmpruneError
 from llmprune.runtime.kvcache import BitmapKVCache
+from llmprune.runtime.kvcache.budgets import load_budgets
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +159,12 @@ def perplexity_with_cache(
     input_ids: torch.Tensor,
     seqlen: int = 2048,
     max_windows: int | None = None,
-    k_sparsity: float = 0.7,
+    k_sparsity: float | None = 0.7,
     v_sparsity: float | None = None,
     window: int = DEFAULT_KV_WINDOW,
     backend: str = "auto",
     progress: bool = True,
+    allocation=None,
 ) -> CachePerplexityResult:
     """WikiText-style perplexity with the pruned bitmap cache active.
 
@@ -177,20 +179,28 @@ def perplexity_with_cache(
         input_ids: ``[1, N]`` token stream.
         seqlen: window length.
         max_windows: evaluate only the first windows (None = all).
-        k_sparsity, v_sparsity: cache sparsity of K and V (``v_sparsity`` None = ``k_sparsity``).
+        k_sparsity, v_sparsity: cache sparsity of K and V (``v_sparsity`` None = ``k_sparsity``; both None with
+            an ``allocation``: its means).
         window: recent tokens the cache keeps dense (also the chunk length).
         backend: :class:`BitmapKVCache` backend.
         progress: show a progress bar.
+        allocation: per-layer / per-head keep counts (:class:`BitmapKVCache` ``allocation``: a ``KVBudgets``,
+            a ``kv_budgets.json`` path, or None / ``"uniform"``); its means must equal the sparsities.
 
     Returns:
         :class:`CachePerplexityResult` (the byte ratios are those of the last window's cache).
     """
-    v_sparsity = k_sparsity if v_sparsity is None else v_sparsity
+    if isinstance(allocation, (str, os.PathLike)) and allocation != "uniform":
+        allocation = load_budgets(allocation)  # read once, not per window
+    # Validates the settings (and the allocation against the model) before any window runs.
+    probe = BitmapKVCache(model.config, k_sparsity, v_sparsity, window=window, backend=backend, allocation=allocation)
+    k_sparsity, v_sparsity = probe.k_sparsity, probe.v_sparsity
     windows = eval_windows(input_ids, seqlen, max_windows)
     ratios = [float("nan"), float("nan")]
 
     def logits_of(ids: torch.Tensor) -> torch.Tensor:  # one window, chunk by chunk through a fresh cache
-        cache = BitmapKVCache(model.config, k_sparsity, v_sparsity, window=window, backend=backend)
+        cache = BitmapKVCache(model.config, k_sparsity, v_sparsity, window=window, backend=backend,
+                              allocation=allocation)
         logits = [model(input_ids=ids[:, s : s + window], past_key_values=cache, use_cache=True).logits.float()
                   for s in range(0, seqlen, window)]
         ratios[:] = cache.compression_ratio(), cache.compression_ratio(element_size=2)

@@ -164,6 +164,24 @@ def pack_topk(x: torch.Tensor, keep: int) -> BitmapTensor:
     return BitmapTensor(bitmap, offsets, values, T * d)
 
 
+def unpack_by_offsets(bitmap: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, length: int) -> torch.Tensor:
+    """Dense ``[*lead, length]`` from bitmap words, *offsets* and values, addressed exactly as the decode kernel does.
+
+    Element ``64 t + i``, if kept, is ``values[..., offsets[t] + popcount(bitmap[t] & (2^i - 1))]``: the values
+    need not be the row's own (a row may index a buffer shared by several heads, e.g. an expanded
+    ``[B, H, n]`` view with stride 0 over ``H``, as the KV cache uses for per-head keep counts).
+    """
+    *lead, ntiles = bitmap.shape
+    keep = tile_masks(bitmap)  # [*lead, ntiles, 64]
+    rank = torch.cumsum(keep, -1) - keep.to(torch.int64)
+    idx = (offsets.to(torch.int64).unsqueeze(-1) + rank).where(keep, 0).reshape(*lead, ntiles * TILE)
+    if values.shape[-1] == 0:
+        return values.new_zeros(*lead, length)
+    out = values.gather(-1, idx.clamp_max(values.shape[-1] - 1))
+    out = out.masked_fill(~keep.reshape(*lead, ntiles * TILE), 0)
+    return out[..., :length]
+
+
 def unpack_bitmap(bt: BitmapTensor) -> torch.Tensor:
     """Dense ``[*lead, length]`` tensor of a :class:`BitmapTensor` (dropped entries are zero)."""
     *lead, ntiles = bt.bitmap.shape

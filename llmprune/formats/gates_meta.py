@@ -1,7 +1,8 @@
 """File names and the small JSON sidecar of learned attention gates (``llmprune train-gates``).
 
-Kept apart from the gate modules (:mod:`llmprune.runtime.gates.gate`) so that model loading can resolve a
-gates-only directory (``attn_gates.json`` names its ``base_model``) without importing the runtime.
+Kept apart from the gate modules (:mod:`llmprune.runtime.gates.gate`, :mod:`llmprune.runtime.gates.files`) so
+that model loading can resolve a gates-only directory (``attn_gates.json`` names its ``base_model``) without
+importing the runtime.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ reads, prints or logs it. The model card (``README.md``) is regenerated from ``l
 
 What is uploaded is a staging folder (links to the checkpoint's files): the generated card and copies of
 llmprune's own JSON files (``llmprune.json``, ``eval_results.json``, ``attn_gates.json``) with local paths
-rewritten (:func:`llmprune.publish.modelcard.public_json`). The checkpoint is not modified before the upload
+rewritten (:func:`llmprune.publish.paths.public_json`). The checkpoint is not modified before the upload
 succeeds (a failed push leaves no ``README.md`` behind, a read-only checkpoint can be pushed); after it, the
 card is also written into the checkpoint when the folder is writable.
 
@@ -28,6 +28,7 @@ from pathlib import Path
 from llmprune.errors import ConfigError, LlmpruneError
 from llmprune.formats.checkpoint import read_metadata
 from llmprune.publish import modelcard
+from llmprune.publish.paths import public_json
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def _stage(directory: Path, staging: Path, card: str | None) -> None:
                 data = json.loads(src.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, ValueError):
                 raise LlmpruneError(f"{src} is not valid JSON; fix or remove it before pushing") from None
-            dst.write_text(json.dumps(modelcard.public_json(data, directory), indent=2) + "\n")
+            dst.write_text(json.dumps(public_json(data, directory), indent=2) + "\n")
         elif card is not None and rel.as_posix() == modelcard.CARD_FILE:
             continue
         else:

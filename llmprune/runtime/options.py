@@ -4,7 +4,8 @@ Every command that runs a model (``generate``, ``ppl``, ``eval``, ``bench``) tak
 them the same way:
 
 1. :func:`add_runtime_arguments` adds ``--kv-sparsity``, ``--k-sparsity``, ``--v-sparsity``, ``--kv-window``,
-   ``--attn-sparsity`` and ``--gates``, derived from the :class:`~llmprune.config.RuntimeConfig` fields;
+   ``--kv-allocation`` (per-layer/per-head budgets from ``llmprune calibrate-kv``), ``--attn-sparsity`` and
+   ``--gates``, derived from the :class:`~llmprune.config.RuntimeConfig` fields;
    :func:`runtime_from_args` turns them back into a ``RuntimeConfig``.
 2. :func:`resolve_runtime` puts those flags on top of the ``runtime`` section a checkpoint records in its
    ``llmprune.json`` (built like a recipe's, :func:`checkpoint_runtime`), group by group
@@ -35,6 +36,7 @@ from llmprune.errors import ConfigError
 from llmprune.formats.checkpoint import read_metadata
 from llmprune.runtime.gates.runtime import GateRuntime, attach_gates, gate_runtime
 from llmprune.runtime.kvcache import BitmapKVCache
+from llmprune.runtime.kvcache.budgets import load_budgets
 from llmprune.runtime.sparse24 import Sparse24Linear
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,8 @@ class RuntimeFeature:
 def _setup_kv(model, config: RuntimeConfig) -> CacheFactory:
     """A pruned bitmap KV cache (recent ``window`` tokens dense) for decoding."""
     kv = config.kv_cache_settings()
+    if "allocation" in kv:  # read the budgets file once
+        kv = {**kv, "allocation": load_budgets(kv["allocation"])}
     BitmapKVCache(model.config, **kv)  # validate now, not at the first decode
 
     def factory(batch_size: int) -> BitmapKVCache:
@@ -105,8 +109,13 @@ def _setup_kv(model, config: RuntimeConfig) -> CacheFactory:
 def _kv_label(config: RuntimeConfig) -> str:
     kv = config.kv_cache_settings()
     k, v = kv["k_sparsity"], kv["v_sparsity"]
+    if k is None:  # a budgets file alone: its means
+        budgets = load_budgets(kv["allocation"])
+        k, v = budgets.k_sparsity, budgets.v_sparsity
     share = f"{k:.0%} of K/V" if k == v else f"K {k:.0%} / V {v:.0%}"
-    return f"KV bitmap cache, {share} pruned, window {kv['window']}"
+    where = f", per-layer/per-head budgets {kv['allocation']}" if "allocation" in kv else ""
+    return f"KV bitmap cache, {share} pruned (mean){where}, window {kv['window']}" if where else \
+        f"KV bitmap cache, {share} pruned, window {kv['window']}"
 
 
 def _setup_attn(model, config: RuntimeConfig) -> None:
@@ -209,6 +218,9 @@ def checkpoint_runtime(model_ref: str | os.PathLike | None) -> RuntimeConfig:
     config = RuntimeConfig.from_dict(section, f"{directory / 'llmprune.json'}: recipe.runtime")
     if config.gates is not None and not Path(config.gates).expanduser().is_absolute():
         config = dataclasses.replace(config, gates=str(directory / config.gates))
+    alloc = config.kv_allocation
+    if alloc is not None and alloc != "uniform" and not Path(alloc).expanduser().is_absolute():
+        config = dataclasses.replace(config, kv_allocation=str(directory / alloc))
     return config
 
 

@@ -6,22 +6,14 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_llama, tiny_tokenizer
-from safetensors.torch import load_file
+from helpers import assert_same_checkpoint, checkpoint_tensors, tiny_llama, tiny_tokenizer
 
 import llmprune
 from llmprune.cli import main
 from llmprune.config import CalibConfig, Recipe
-from llmprune.engine.resume import STATE_FILE
 from llmprune.engine.streaming import SimulatedInterruption, StreamOptions, compress_streaming
+from llmprune.engine.workdir import STATE_FILE
 from llmprune.formats.shards import ShardWriter
-
-
-def _tensors(d):
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture
@@ -30,18 +22,6 @@ def deep_model_dir(tmp_path):
     tiny_llama(num_hidden_layers=4).save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
     return d
-
-
-def _same_checkpoint(a, b):
-    ta, tb = _tensors(a), _tensors(b)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
-    ma, mb = (json.loads((d / "llmprune.json").read_text()) for d in (a, b))
-    for m in (ma, mb):
-        m.pop("prune_seconds")
-        m.pop("command")
-    assert ma == mb
 
 
 @pytest.mark.parametrize("cfg", [llmprune.WandaConfig(sparsity="2:4")], ids=["wanda"])
@@ -58,7 +38,7 @@ def test_resume_after_interruption_is_identical(tmp_path, deep_model_dir, tiny_c
     state = json.loads((partial / STATE_FILE).read_text())
     assert state["next_layer"] == 2 and not out.exists()
     # Output is written incrementally: layers 0-1 are final in the partial shards, layers 2-3 not written yet.
-    part, final = _tensors(partial / "ckpt"), _tensors(ref.output)
+    part, final = checkpoint_tensors(partial / "ckpt"), checkpoint_tensors(ref.output)
     assert torch.equal(part["model.layers.1.mlp.down_proj.weight"], final["model.layers.1.mlp.down_proj.weight"])
     assert torch.equal(part["model.embed_tokens.weight"], final["model.embed_tokens.weight"])
     assert not part["model.layers.2.mlp.down_proj.weight"].any()
@@ -67,7 +47,7 @@ def test_resume_after_interruption_is_identical(tmp_path, deep_model_dir, tiny_c
     res = compress_streaming(None, deep_model_dir, recipe, out, device=cpu, progress=False,
                              options=StreamOptions(resume=True))
     assert res.output == out and not partial.exists()
-    _same_checkpoint(ref.output, out)
+    assert_same_checkpoint(ref.output, out)
     assert [m.name for m in res.report.modules] == [m.name for m in ref.report.modules]
 
 
@@ -81,7 +61,7 @@ def test_resume_without_calibration(tmp_path, deep_model_dir):
     res = compress_streaming(None, deep_model_dir, recipe, tmp_path / "out", device=cpu, progress=False,
                              options=StreamOptions(resume=True))
     assert res.metadata["calibration"] is None
-    _same_checkpoint(ref.output, res.output)
+    assert_same_checkpoint(ref.output, res.output)
 
 
 def test_crash_mid_layer_then_cli_resume(tmp_path, deep_model_dir, tiny_calib_file, monkeypatch, capsys):
@@ -103,5 +83,5 @@ def test_crash_mid_layer_then_cli_resume(tmp_path, deep_model_dir, tiny_calib_fi
     assert json.loads((tmp_path / "out.partial" / STATE_FILE).read_text())["next_layer"] == 1
     monkeypatch.setattr(ShardWriter, "flush", flush)
     assert main([*common, "-o", str(tmp_path / "out"), "--resume"]) == 0
-    _same_checkpoint(tmp_path / "ref", tmp_path / "out")
+    assert_same_checkpoint(tmp_path / "ref", tmp_path / "out")
     assert "saved dense checkpoint" in capsys.readouterr().out

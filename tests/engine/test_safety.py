@@ -21,43 +21,22 @@ from typing import ClassVar
 
 import pytest
 import torch
-from helpers import run_cli, tiny_llama, tiny_text, tiny_tokenizer
-from safetensors.torch import load_file, save_file
+from helpers import assert_same_checkpoint, run_cli, tiny_llama, tiny_text, tiny_tokenizer
+from safetensors.torch import save_file
 
 import llmprune
 from llmprune.config import CalibConfig, PruneConfig, Recipe
-from llmprune.engine import activations
+from llmprune.engine import activations, calibration_phase
 from llmprune.engine import run as run_mod
-from llmprune.engine.resume import STATE_FILE, RunLock
 from llmprune.engine.step import PruneIntegrityError
 from llmprune.engine.streaming import SimulatedInterruption, StreamOptions, compress_streaming
+from llmprune.engine.workdir import STATE_FILE, RunLock
 from llmprune.errors import ConfigError, LlmpruneError
 from llmprune.formats.output import move_into_place
 from llmprune.prune.registry import available_methods, register
 
 CPU = torch.device("cpu")
 N_LAYERS = 4
-
-
-def _tensors(d):
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def _same_checkpoint(a, b):
-    ta, tb = _tensors(a), _tensors(b)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
-    ma, mb = (json.loads((d / "llmprune.json").read_text()) for d in (a, b))
-    for m in (ma, mb):
-        for k in ("prune_seconds", "command", "base_model"):
-            m.pop(k)
-        for d in (m["recipe"]["calibration"], m["calibration"] or {}):  # recorded relative to each output
-            d.pop("source", None)
-    assert ma == mb
 
 
 def _recipe(calib, method="wanda"):
@@ -175,7 +154,7 @@ def test_resume_from_another_cwd_is_identical(base, tmp_path, monkeypatch, capsy
     code, out, err = run_cli(capsys, *_cli("../a/model", "../a/calib.txt", "-o", "../a/out", "--resume", *extra))
     assert code == 0, err
     assert "saved dense checkpoint" in out
-    _same_checkpoint(base["ref"], a / "out")
+    assert_same_checkpoint(base["ref"], a / "out")
     assert not (a / "out.partial").exists()
     if offload:
         assert list((a / "offload").iterdir()) == []  # our activations are gone, the directory stays
@@ -310,7 +289,7 @@ def test_second_run_on_the_same_output_is_refused(base, tmp_path, capsys):
         held.release()
     code, _, err = run_cli(capsys, *_cli(base["model"], base["calib"], "-o", out, "--resume"))
     assert code == 0, err
-    _same_checkpoint(base["ref"], out)
+    assert_same_checkpoint(base["ref"], out)
 
 
 HOLDER = """
@@ -342,7 +321,7 @@ def test_lock_is_released_after_an_error_in_the_same_process(base, tmp_path):
                            options=StreamOptions(stop_after=1))
     res = compress_streaming(None, base["model"], _recipe(base["calib"]), tmp_path / "out", device=CPU, progress=False,
                              options=StreamOptions(resume=True))
-    _same_checkpoint(base["ref"], res.output)
+    assert_same_checkpoint(base["ref"], res.output)
 
 
 # ------------------------------------------------------------------ interrupted after the last layer
@@ -376,7 +355,7 @@ def test_interruption_between_last_layer_and_rename_resumes(base, tmp_path, monk
     code, stdout, err = run_cli(capsys, *_cli(base["model"], base["calib"], "-o", out, "--resume", *extra))
     assert code == 0, err
     assert "saved dense checkpoint" in stdout
-    _same_checkpoint(base["ref"], out)
+    assert_same_checkpoint(base["ref"], out)
     assert not (tmp_path / "out.partial").exists()
     if offload:
         assert list(offload.iterdir()) == []
@@ -474,18 +453,18 @@ def test_activation_memory_beyond_the_budget(base, tmp_path, capsys, monkeypatch
 
 
 def test_streaming_spills_to_disk_beyond_half_the_ram(base, tmp_path, monkeypatch):
-    monkeypatch.setattr(run_mod, "available_ram", lambda: 1024)  # 6 x 16 x 64 x 4 bytes > 512
+    monkeypatch.setattr(calibration_phase, "available_ram", lambda: 1024)  # 6 x 16 x 64 x 4 bytes > 512
     modes = []
-    real = run_mod.HiddenStore.__init__
+    real = calibration_phase.HiddenStore.__init__
 
     def spy(self, mode, *a, **k):
         modes.append(mode)
         real(self, mode, *a, **k)
 
-    monkeypatch.setattr(run_mod.HiddenStore, "__init__", spy)
+    monkeypatch.setattr(calibration_phase.HiddenStore, "__init__", spy)
     res = compress_streaming(None, base["model"], _recipe(base["calib"]), tmp_path / "out", device=CPU, progress=False)
     assert modes == ["disk"]
-    _same_checkpoint(base["ref"], res.output)
+    assert_same_checkpoint(base["ref"], res.output)
 
 
 def test_api_validates_before_loading(base, tmp_path):

@@ -7,7 +7,9 @@ import yaml
 from helpers import SHARED, needs_shared, run_cli, tiny_text
 
 from llmprune.evaluate import lm_eval as evaluation
-from llmprune.evaluate.lm_eval import OFFLINE_TASKS, evaluate, metrics_by_task, write_task_dir
+from llmprune.evaluate import task_files
+from llmprune.evaluate.lm_eval import evaluate, metrics_by_task
+from llmprune.evaluate.task_files import OFFLINE_TASKS, write_task_dir
 from llmprune.formats.metadata import resolve_base_model
 
 LM_EVAL_DATA = SHARED / "data" / "lm_eval"
@@ -32,7 +34,7 @@ def data_dir(tmp_path):
 
 def test_task_templates_ship_every_task():
     for task in OFFLINE_TASKS:
-        cfg = yaml.safe_load((evaluation.TASKS_DIR / f"{task}.yaml").read_text())
+        cfg = yaml.safe_load((task_files.TASKS_DIR / f"{task}.yaml").read_text())
         assert cfg["task"] == task and cfg["dataset_path"] == "json"
         assert all("@DATA_DIR@" in v for v in cfg["dataset_kwargs"]["data_files"].values())
 
@@ -56,7 +58,7 @@ def test_evaluate_all_offline_tasks_metric_names(data_dir, monkeypatch):
     """Every shipped task runs on a loaded model and reports lm-eval's standard metric names."""
     from helpers import tiny_llama, tiny_tokenizer
 
-    monkeypatch.delenv(evaluation.DATA_ENV, raising=False)
+    monkeypatch.delenv(task_files.DATA_ENV, raising=False)
     res = evaluate(tiny_llama(), tiny_tokenizer(), list(OFFLINE_TASKS), limit=2, batch_size=4, data_dir=data_dir)
     metrics = metrics_by_task(res)
     assert set(metrics) == set(OFFLINE_TASKS)
@@ -92,7 +94,7 @@ def test_eval_cli_arc_easy_records_with_checkpoint(checkpoint, tmp_path, capsys)
 
 
 def test_eval_data_dir_from_env(data_dir, checkpoint, monkeypatch, capsys):
-    monkeypatch.setenv(evaluation.DATA_ENV, str(data_dir))
+    monkeypatch.setenv(task_files.DATA_ENV, str(data_dir))
     code, out, err = run_cli(capsys, "eval", checkpoint, "--tasks", "copa", "--limit", 2, "--device", "cpu", "-q")
     assert code == 0, err
     assert json.loads((checkpoint / "eval_results.json").read_text())["lm_eval"]["copa"]["n_samples"] == 2
@@ -117,7 +119,7 @@ def test_task_manager_indexes_builtins_only_when_needed():
 def test_include_path_user_task(data_dir, checkpoint, tmp_path, capsys):
     inc = tmp_path / "mine"
     inc.mkdir()
-    cfg = yaml.safe_load((evaluation.TASKS_DIR / "copa.yaml").read_text())
+    cfg = yaml.safe_load((task_files.TASKS_DIR / "copa.yaml").read_text())
     cfg["task"] = "my_copa"
     cfg["dataset_kwargs"]["data_files"] = {"validation": str(data_dir / "copa.jsonl")}
     (inc / "my_copa.yaml").write_text(yaml.safe_dump(cfg))

@@ -1,4 +1,5 @@
-"""The reading layer (formats/reading.py): JSON, safetensors headers, torch pickles, index paths, 2:4 validation.
+"""The reading layer (formats/reading.py, formats/safetensors_io.py): JSON, safetensors headers, torch pickles,
+index paths, 2:4 validation.
 
 Unit tests on real corrupted files; the CLI-level behaviour (one ``llmprune: error:`` line, exit 2) is in
 tests/model/test_verified_loading.py.
@@ -17,15 +18,12 @@ from llmprune.errors import LlmpruneError
 from llmprune.evaluate.results import read_results
 from llmprune.formats.checkpoint import read_metadata
 from llmprune.formats.gates_meta import gates_base_model, read_gates_meta
-from llmprune.formats.reading import (
+from llmprune.formats.reading import index_weight_map, inside, load_torch, read_json
+from llmprune.formats.safetensors_io import (
     checkpoint_tensors,
-    index_weight_map,
-    inside,
     is_finite,
     load_safetensors,
-    load_torch,
     open_safetensors,
-    read_json,
     read_safetensors_header,
 )
 from llmprune.formats.sparse24 import pack_24, validate_packed

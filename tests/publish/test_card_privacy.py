@@ -12,7 +12,8 @@ from helpers import run_cli
 
 from llmprune.evaluate.results import record_results
 from llmprune.publish import hub
-from llmprune.publish.modelcard import build_card, public_text
+from llmprune.publish.modelcard import build_card
+from llmprune.publish.paths import public_text
 
 SAME_PROTOCOL = "evaluated with the same protocol and settings"
 # A path token: starts after a separator with "/" or "~/" (URLs have "://" and are not matched).

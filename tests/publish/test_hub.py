@@ -8,7 +8,8 @@ from helpers import run_cli
 
 from llmprune.evaluate.results import record_results
 from llmprune.publish import hub
-from llmprune.publish.modelcard import build_card, hub_base_model, public_text
+from llmprune.publish.modelcard import build_card
+from llmprune.publish.paths import hub_base_model, public_text
 
 SECRET = "hf_THIS_IS_A_FAKE_TOKEN_0123456789"
 

@@ -9,16 +9,15 @@ from helpers import tiny_llama
 
 import llmprune
 from llmprune.cli import main
+from llmprune.formats.gates_meta import GATES_FILE
+from llmprune.runtime.gates.files import load_gates, save_gates
 from llmprune.runtime.gates.gate import (
-    GATES_FILE,
     AttnGate,
     GateConfig,
     block_ground_truth,
-    load_gates,
     pool_blocks,
     pool_k,
     pool_q,
-    save_gates,
     select_blocks,
 )
 from llmprune.runtime.gates.runtime import attach_gates, detach_gates, gate_runtime

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from llmprune.errors import LlmpruneError
 from llmprune.formats.gates_meta import GATES_CONFIG
 from llmprune.model.access import decoder_layers
-from llmprune.runtime.gates.gate import AttnGate, load_gates, pool_k, pool_q, select_blocks, unrotate
+from llmprune.runtime.gates.files import load_gates
+from llmprune.runtime.gates.gate import AttnGate, pool_k, pool_q, select_blocks, unrotate
 from llmprune.runtime.kernel_policy import GATED_DECODE_QUERIES, backend_from_flag, use_kernel
 
 log = logging.getLogger(__name__)

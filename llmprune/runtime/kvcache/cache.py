@@ -34,6 +34,7 @@ from llmprune.errors import ConfigError, LlmpruneError
 from llmprune.formats.bitmap import TILE, keep_count
 from llmprune.runtime.kernel_policy import KV_BITMAP_MAX_QUERIES, check_backend, use_kernel
 from llmprune.runtime.kvcache.attention import ATTN_IMPL, LAYER_TAG, enable_kernel_attention
+from llmprune.runtime.kvcache.budgets import resolve_allocation
 from llmprune.runtime.kvcache.store import _BitmapStore
 
 try:  # transformers >= 4.56 has the layered cache API
@@ -42,6 +43,9 @@ except ImportError:  # pragma: no cover
     Cache = CacheLayerMixin = object  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
+
+#: ``k_sparsity`` when neither it nor an allocation is given.
+DEFAULT_KV_SPARSITY = 0.7
 
 #: Head dims and dtypes the decode kernel is built for.
 _KERNEL_HEAD_DIMS = (64, 128, 256)
@@ -56,17 +60,22 @@ class BitmapKVLayer(CacheLayerMixin):
         window: recent tokens kept dense (compressed ``window`` at a time).
         owner: the :class:`BitmapKVCache` (its ``backend`` and model config decide the attention path).
         capacity: tokens to preallocate in each store.
+        k_keeps, v_keeps: per-KV-head keep counts (from a :class:`~llmprune.runtime.kvcache.budgets.KVBudgets`),
+            replacing the sparsities; None = ``keep_count(head_dim, sparsity)`` for every head.
+        head_dim: the head dim the keep counts were made for (checked against the first update).
     """
 
     is_sliding = False
     is_croppable = False
     is_compileable = False
 
-    def __init__(self, k_sparsity: float, v_sparsity: float, window: int, owner=None, capacity: int = 0):
+    def __init__(self, k_sparsity: float, v_sparsity: float, window: int, owner=None, capacity: int = 0,
+                 k_keeps: list[int] | None = None, v_keeps: list[int] | None = None, head_dim: int | None = None):
         super().__init__()
         self.k_sparsity, self.v_sparsity, self.window = k_sparsity, v_sparsity, window
         self.owner = owner
         self.capacity = capacity
+        self.k_keeps, self.v_keeps, self.budget_head_dim = k_keeps, v_keeps, head_dim
         self.k_store: _BitmapStore | None = None
         self.v_store: _BitmapStore | None = None
 
@@ -78,8 +87,15 @@ class BitmapKVLayer(CacheLayerMixin):
             raise LlmpruneError("BitmapKVCache needs the same head_dim for keys and values")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.head_dim = d
-        self.k_keep = keep_count(d, self.k_sparsity)
-        self.v_keep = keep_count(d, self.v_sparsity)
+        if self.k_keeps is not None:
+            if self.budget_head_dim != d or len(self.k_keeps) != H or len(self.v_keeps) != H:
+                raise ConfigError(f"KV allocation is for {len(self.k_keeps)} KV heads of head_dim "
+                                  f"{self.budget_head_dim}; this layer has {H} heads of head_dim {d}")
+            self.k_keep = self.k_keeps if len(set(self.k_keeps)) > 1 else self.k_keeps[0]
+            self.v_keep = self.v_keeps if len(set(self.v_keeps)) > 1 else self.v_keeps[0]
+        else:
+            self.k_keep = keep_count(d, self.k_sparsity)
+            self.v_keep = keep_count(d, self.v_sparsity)
         cap = self.capacity
         self.k_store = _BitmapStore(B, H, d, self.k_keep, self.dtype, self.device, cap)
         self.v_store = _BitmapStore(B, H, d, self.v_keep, self.dtype, self.device, cap)
@@ -206,7 +222,8 @@ class BitmapKVCache(Cache):
     Args:
         config: the model config (``model.config``); full-attention layers get a bitmap layer, other layer types
             (sliding window, linear attention) keep transformers' own dense layers.
-        k_sparsity: fraction of each key vector pruned (``round(s * head_dim)`` entries), in [0, 1).
+        k_sparsity: fraction of each key vector pruned (``round(s * head_dim)`` entries), in [0, 1); default 0.7
+            (or the allocation's mean).
         v_sparsity: same for values (default: ``k_sparsity``).
         window: recent tokens kept dense; compressed ``window`` at a time (``window * head_dim`` must be a
             multiple of 64). Default :data:`llmprune.config.DEFAULT_KV_WINDOW`.
@@ -214,9 +231,14 @@ class BitmapKVCache(Cache):
             dense reconstruction) or ``"triton"`` (kernel also on CPU under ``TRITON_INTERPRET=1``; for tests);
             see :mod:`llmprune.runtime.kernel_policy`.
         capacity: tokens per layer to preallocate (storage grows by doubling beyond it).
+        allocation: ``None`` / ``"uniform"`` (every layer and head at ``k_sparsity`` / ``v_sparsity``), or
+            per-layer, per-KV-head keep counts: a :class:`~llmprune.runtime.kvcache.budgets.KVBudgets`, its dict,
+            or the path of a ``kv_budgets.json`` (``llmprune calibrate-kv``). Its K / V means must equal
+            ``k_sparsity`` / ``v_sparsity`` when those are given (None: the allocation's means).
 
     Raises:
-        ConfigError: on a sparsity outside [0, 1), a window below 1 or an unknown backend.
+        ConfigError: on a sparsity outside [0, 1), a window below 1, an unknown backend, or an allocation whose
+            means or layer count do not match.
 
     When the kernel may run on this machine it sets ``config._attn_implementation`` to ``"llmprune_kv_bitmap"``,
     which behaves as ``sdpa`` except for decode steps over this cache.
@@ -225,22 +247,36 @@ class BitmapKVCache(Cache):
     def __init__(
         self,
         config=None,
-        k_sparsity: float = 0.7,
+        k_sparsity: float | None = None,
         v_sparsity: float | None = None,
         window: int = DEFAULT_KV_WINDOW,
         backend: str = "auto",
         capacity: int = 0,
+        allocation=None,
     ):
+        budgets = resolve_allocation(allocation)
+        if budgets is not None:
+            for name, given, mean in (("k_sparsity", k_sparsity, budgets.k_sparsity),
+                                      ("v_sparsity", v_sparsity if v_sparsity is not None else k_sparsity,
+                                       budgets.v_sparsity)):
+                if given is not None and abs(float(given) - mean) > 1e-9:
+                    raise ConfigError(f"KV allocation has mean {name} {mean:g}, but {given:g} was asked for")
+            k_sparsity, v_sparsity = budgets.k_sparsity, budgets.v_sparsity
+        if k_sparsity is None:
+            k_sparsity = DEFAULT_KV_SPARSITY
         v_sparsity = k_sparsity if v_sparsity is None else v_sparsity
         for s in (k_sparsity, v_sparsity):
             keep_count(64, s)  # validates
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ConfigError(f"KV window must be an integer >= 1, got {window!r}")
         self.k_sparsity, self.v_sparsity, self.window = float(k_sparsity), float(v_sparsity), window
+        self.budgets = budgets
         self.backend = check_backend(backend)
         make = functools.partial(BitmapKVLayer, self.k_sparsity, self.v_sparsity, window, self, capacity)
         self.attn_config = None
         if config is None:
+            if budgets is not None:
+                raise ConfigError("a non-uniform KV allocation needs the model config (BitmapKVCache(model.config, ...))")
             super().__init__(layer_class_to_replicate=make)
             return
         from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
@@ -248,10 +284,16 @@ class BitmapKVCache(Cache):
         text_config = config.get_text_config(decoder=True)
         self.attn_config = text_config
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text_config)
+        if budgets is not None and budgets.layers != len(layer_types):
+            raise ConfigError(f"KV allocation has {budgets.layers} layers, the model {len(layer_types)}")
         layers = []
-        for lt, kw in zip(layer_types, per_layer_kwargs):
+        for i, (lt, kw) in enumerate(zip(layer_types, per_layer_kwargs)):
             if lt == "full_attention":
-                layers.append(make())
+                if budgets is None:
+                    layers.append(make())
+                else:
+                    layers.append(make(k_keeps=budgets.k_keep[i], v_keeps=budgets.v_keep[i],
+                                       head_dim=budgets.head_dim))
             else:
                 log.warning("layer type %s keeps a dense %s cache", lt, DYNAMIC_LAYER_TYPE_MAPPING[lt].__name__)
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[lt](**kw))

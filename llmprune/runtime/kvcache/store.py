@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from llmprune.formats.bitmap import TILE, TILE_META_BYTES, BitmapTensor, pack_topk, unpack_bitmap
+from llmprune.formats.bitmap import (
+    TILE,
+    TILE_META_BYTES,
+    BitmapTensor,
+    pack_topk,
+    unpack_bitmap,
+    unpack_by_offsets,
+)
 
 
 class _BitmapStore:
@@ -13,25 +20,42 @@ class _BitmapStore:
     Buffers are preallocated for ``capacity`` tokens and grow by doubling, so an append writes in place and the
     kernel reads ``bitmap`` / ``offsets`` / ``values`` views without copies.
 
+    Per-head keep counts (``keep`` a sequence of ``H`` counts that are not all equal): the kept values of all
+    heads of a batch row share one buffer ``[B, n_vals]`` (each appended chunk holds head 0's values, then head
+    1's, ...) and every head's offsets index that shared buffer directly. :attr:`values` is then the
+    ``[B, H, n_vals]`` view of it with stride 0 over ``H``, so the decode kernel, which reads
+    ``values[b, h, offsets[b, h, t] + rank]``, takes it unchanged, and no head is padded: the buffer holds
+    exactly the kept values.
+
     Args:
         batch: ``B``.
         heads: KV heads ``H``.
         head_dim: ``d``.
-        keep: entries kept per token vector (:func:`~llmprune.formats.bitmap.keep_count`).
+        keep: entries kept per token vector (:func:`~llmprune.formats.bitmap.keep_count`), one for every head or
+            a sequence of ``H`` per-head counts.
         dtype: value dtype.
         device: storage device.
         capacity: tokens to preallocate.
     """
 
-    def __init__(self, batch: int, heads: int, head_dim: int, keep: int, dtype, device, capacity: int = 0):
-        self.B, self.H, self.d, self.keep = batch, heads, head_dim, keep
+    def __init__(self, batch: int, heads: int, head_dim: int, keep, dtype, device, capacity: int = 0):
+        keeps = [int(k) for k in keep] if isinstance(keep, (list, tuple)) else [int(keep)] * heads
+        if len(keeps) != heads:
+            raise ValueError(f"{len(keeps)} keep counts for {heads} KV heads")
+        self.mixed = len(set(keeps)) > 1
+        self.keeps = keeps
+        self.B, self.H, self.d = batch, heads, head_dim
+        self.keep = keeps if self.mixed else keeps[0]
         self.tokens = 0
         self.n_tiles = 0
-        self.n_vals = 0
+        self.n_vals = 0  # per row (uniform) or per batch row, all heads together (mixed)
         tiles_cap = capacity * head_dim // TILE
         self._bitmap = torch.zeros(batch, heads, tiles_cap, dtype=torch.int64, device=device)
         self._offsets = torch.zeros(batch, heads, tiles_cap, dtype=torch.int32, device=device)
-        self._values = torch.zeros(batch, heads, capacity * keep, dtype=dtype, device=device)
+        if self.mixed:
+            self._values = torch.zeros(batch, capacity * sum(keeps), dtype=dtype, device=device)
+        else:
+            self._values = torch.zeros(batch, heads, capacity * keeps[0], dtype=dtype, device=device)
 
     @staticmethod
     def _grow(buf: torch.Tensor, need: int) -> torch.Tensor:
@@ -51,6 +75,8 @@ class _BitmapStore:
             self._append(x[:, :, s : s + piece])
 
     def _append(self, x: torch.Tensor) -> None:
+        if self.mixed:
+            return self._append_mixed(x)
         bt = pack_topk(x, self.keep)
         nt, nv = bt.bitmap.shape[-1], bt.values.shape[-1]
         self._bitmap = self._grow(self._bitmap, self.n_tiles + nt)
@@ -64,6 +90,23 @@ class _BitmapStore:
         self.n_tiles += nt
         self.n_vals += nv
 
+    def _append_mixed(self, x: torch.Tensor) -> None:
+        T = x.shape[2]
+        nt = T * self.d // TILE
+        self._bitmap = self._grow(self._bitmap, self.n_tiles + nt)
+        self._offsets = self._grow(self._offsets, self.n_tiles + nt)
+        self._values = self._grow(self._values, self.n_vals + T * sum(self.keeps))
+        base = self.n_vals
+        for h, k in enumerate(self.keeps):
+            bt = pack_topk(x[:, h], k)  # rows [B, T * d], T * k values each
+            self._bitmap[:, h, self.n_tiles : self.n_tiles + nt] = bt.bitmap
+            self._offsets[:, h, self.n_tiles : self.n_tiles + nt] = bt.offsets + base
+            self._values[:, base : base + T * k] = bt.values
+            base += T * k
+        self.tokens += T
+        self.n_tiles += nt
+        self.n_vals = base
+
     @property
     def bitmap(self) -> torch.Tensor:
         """``[B, H, tokens * d / 64]`` int64."""
@@ -76,7 +119,10 @@ class _BitmapStore:
 
     @property
     def values(self) -> torch.Tensor:
-        """``[B, H, tokens * keep]`` kept values."""
+        """``[B, H, tokens * keep]`` kept values; with per-head keep counts the ``[B, H, n_vals]`` stride-0 view
+        of the shared per-batch-row buffer (read through the offsets)."""
+        if self.mixed:
+            return self._values[:, None, : self.n_vals].expand(self.B, self.H, self.n_vals)
         return self._values[..., : self.n_vals]
 
     def as_bitmap_tensor(self) -> BitmapTensor:
@@ -86,10 +132,15 @@ class _BitmapStore:
         """``[B, H, tokens, d]`` reconstruction (pruned entries zero)."""
         if self.tokens == 0:
             return self._values.new_zeros(self.B, self.H, 0, self.d)
+        if self.mixed:  # values addressed through the offsets, exactly as the kernel reads them
+            out = unpack_by_offsets(self.bitmap, self.offsets, self.values, self.tokens * self.d)
+            return out.view(self.B, self.H, self.tokens, self.d)
         return unpack_bitmap(self.as_bitmap_tensor()).view(self.B, self.H, self.tokens, self.d)
 
     def nbytes(self, element_size: int) -> int:
         """Bytes of the stored tokens (not the spare capacity), values at ``element_size`` bytes."""
+        if self.mixed:  # n_vals counts every head's kept values of a batch row
+            return self.B * (self.H * self.n_tiles * TILE_META_BYTES + self.n_vals * element_size)
         return self.B * self.H * (self.n_tiles * TILE_META_BYTES + self.n_vals * element_size)
 
     def index_batch(self, idx: torch.Tensor) -> None:

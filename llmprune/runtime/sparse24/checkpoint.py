@@ -21,14 +21,8 @@ import torch
 from torch import nn
 
 from llmprune.errors import ConfigError, LlmpruneError
-from llmprune.formats.reading import (
-    SAFETENSORS_INDEX,
-    dtype_compatible,
-    index_weight_map,
-    is_finite,
-    open_safetensors,
-    preview,
-)
+from llmprune.formats.reading import index_weight_map, preview
+from llmprune.formats.safetensors_io import SAFETENSORS_INDEX, dtype_compatible, is_finite, open_safetensors
 from llmprune.formats.shards import DEFAULT_SHARD_SIZE, plan_shards, shard_name, write_index
 from llmprune.formats.sparse24 import (
     FORMAT_VERSION,
