@@ -10,7 +10,7 @@ import torch
 
 from llmprune.commands.common import add_model_arguments
 from llmprune.errors import ConfigError
-from llmprune.evaluate.bench import cache_argument
+from llmprune.model.access import cache_argument
 from llmprune.model.device import resolve_device
 from llmprune.model.loading import load_tokenizer
 from llmprune.runtime.load import load_model

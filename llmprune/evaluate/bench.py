@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import inspect
 import logging
 import os
 import statistics
@@ -31,6 +30,7 @@ import torch
 
 from llmprune.config import RuntimeConfig
 from llmprune.errors import ConfigError
+from llmprune.model.access import cache_argument, output_cache
 from llmprune.model.device import resolve_device
 from llmprune.model.loading import resolve_model
 from llmprune.runtime.load import load_model
@@ -133,22 +133,6 @@ class PeakMemory:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cache_argument(model) -> str:
-    """The keyword under which ``model``'s ``forward``/``generate`` take the KV cache: ``cache`` in recent
-    transformers (which deprecates ``past_key_values`` with a FutureWarning), ``past_key_values`` before."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - forward without a signature
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def output_cache(out):
-    """The KV cache a forward returned (``out.cache`` or ``out.past_key_values``, by transformers version)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 @torch.inference_mode()

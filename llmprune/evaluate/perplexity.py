@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from llmprune.config import DEFAULT_KV_WINDOW
 from llmprune.errors import LlmpruneError
+from llmprune.model.access import cache_argument
 from llmprune.runtime.kvcache import BitmapKVCache
 from llmprune.runtime.kvcache.budgets import load_budgets
 
@@ -197,11 +198,12 @@ def perplexity_with_cache(
     k_sparsity, v_sparsity = probe.k_sparsity, probe.v_sparsity
     windows = eval_windows(input_ids, seqlen, max_windows)
     ratios = [float("nan"), float("nan")]
+    kw = cache_argument(model)  # `cache=` where transformers deprecates `past_key_values=`
 
     def logits_of(ids: torch.Tensor) -> torch.Tensor:  # one window, chunk by chunk through a fresh cache
         cache = BitmapKVCache(model.config, k_sparsity, v_sparsity, window=window, backend=backend,
                               allocation=allocation)
-        logits = [model(input_ids=ids[:, s : s + window], past_key_values=cache, use_cache=True).logits.float()
+        logits = [model(input_ids=ids[:, s : s + window], **{kw: cache}, use_cache=True).logits.float()
                   for s in range(0, seqlen, window)]
         ratios[:] = cache.compression_ratio(), cache.compression_ratio(element_size=2)
         return torch.cat(logits, dim=1)

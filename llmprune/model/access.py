@@ -10,6 +10,7 @@ below; other layouts are found by looking for the ``ModuleList`` whose length is
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Iterable
 
 from torch import nn
@@ -118,3 +119,19 @@ def intermediate_size(layer: nn.Module) -> int:
 def kv_heads(layer: nn.Module) -> int:
     attn = attn_of(layer)
     return attn.k_proj.out_features // attn.head_dim
+
+
+def cache_argument(model) -> str:
+    """The keyword under which ``model``'s ``forward``/``generate`` take the KV cache: ``cache`` in recent
+    transformers (which deprecates ``past_key_values`` with a FutureWarning), ``past_key_values`` before."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - forward without a signature
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned (``out.cache`` or ``out.past_key_values``, by transformers version)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
