@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from llmprune.errors import ConfigError, LlmpruneError
 from llmprune.evaluate.results import RESULTS_FILE, read_results
+from llmprune.formats.output import nearest_existing, unwritable_reason
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +25,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, positional_help: str
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow custom model code from the Hub (off by default)"
     )
-
-
-def dir_writable(directory: Path) -> str | None:
-    """None when a file can be created in the existing directory ``directory`` (a probe file is created and
-    removed, as for checkpoint outputs), else the reason."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".llmprune-probe-", dir=directory)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return None
 
 
 def check_output_file(path: str | os.PathLike | None, flag: str) -> Path | None:
@@ -61,12 +49,10 @@ def check_output_file(path: str | os.PathLike | None, flag: str) -> Path | None:
         except OSError as exc:
             raise ConfigError(f"{flag} {path} is not writable ({exc.strerror or exc})") from None
         return p
-    anc = p.parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
+    anc = nearest_existing(p.parent)
     if not anc.is_dir():
         raise ConfigError(f"{flag} {path}: {anc} is not a directory")
-    reason = dir_writable(anc)
+    reason = unwritable_reason(anc)
     if reason is not None:
         raise ConfigError(f"{flag} {path}: cannot create files in {anc} ({reason})")
     return p
@@ -80,12 +66,10 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
         ConfigError: naming ``what``, the path and why.
     """
     p = Path(path).expanduser()
-    anc = p
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
+    anc = nearest_existing(p)
     if not anc.is_dir():
         raise ConfigError(f"{what} {path}: {anc} is not a directory")
-    reason = dir_writable(anc)
+    reason = unwritable_reason(anc)
     if reason is not None:
         raise ConfigError(f"{what} {path}: cannot create files in {anc} ({reason})")
     return p
@@ -102,7 +86,7 @@ def recording_dir(directory: str | os.PathLike) -> bool:
     work: False (with one warning; the results are still printed) when the directory is not writable or its
     ``eval_results.json`` cannot be read."""
     d = Path(directory).expanduser()
-    reason = dir_writable(d)
+    reason = unwritable_reason(d)
     if reason is None:
         try:
             read_results(d)
@@ -117,7 +101,7 @@ def recording_dir(directory: str | os.PathLike) -> bool:
 def check_recording_dir(directory: str | os.PathLike, flag: str) -> None:
     """Like :func:`recording_dir` for a directory the user named (``--baseline-of DIR``): an error instead."""
     d = Path(directory).expanduser()
-    reason = dir_writable(d)
+    reason = unwritable_reason(d)
     if reason is not None:
         raise ConfigError(f"{flag} {directory}: cannot record results there ({reason})")
     try:

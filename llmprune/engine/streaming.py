@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from llmprune.engine.source import SafetensorsSource, hub_safetensors, local_saf
 from llmprune.engine.workdir import finished_output
 from llmprune.errors import ConfigError
 from llmprune.formats.checkpoint import check_output
+from llmprune.formats.output import is_within, nearest_existing, unwritable_reason
 from llmprune.prune.registry import method_for_config
 from llmprune.prune.report import CompressResult
 
@@ -57,10 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def _within(path: Path, other: Path) -> bool:
-    return path == other or other in path.parents
 
 
 def check_offload_dir(
@@ -83,23 +79,18 @@ def check_offload_dir(
     resolved = d.resolve()
     for ref in inputs:
         p = Path(ref).expanduser()
-        if p.is_dir() and _within(resolved, p.resolve()):
+        if p.is_dir() and is_within(resolved, p.resolve()):
             raise ConfigError(f"--offload-dir {offload_dir} is inside the input {ref}; choose a directory outside it")
-    if output is not None and _within(resolved, Path(output).expanduser().resolve()):
+    if output is not None and is_within(resolved, Path(output).expanduser().resolve()):
         raise ConfigError(f"--offload-dir {offload_dir} is inside the output {output}; choose a directory outside it")
-    anc = d
-    while not anc.exists() and not anc.is_symlink() and anc != anc.parent:
-        anc = anc.parent
+    anc = nearest_existing(d)
     if not anc.is_dir():
         what = "is not a directory" if anc == d else f"cannot be created ({anc} is not a directory)"
         raise ConfigError(f"--offload-dir {offload_dir} {what}")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".llmprune-probe-", dir=anc)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
+    reason = unwritable_reason(anc)
+    if reason is not None:
         where = "" if anc == d else f" ({anc} is not writable)"
-        raise ConfigError(f"--offload-dir {offload_dir} is not writable{where}: {exc.strerror}") from None
+        raise ConfigError(f"--offload-dir {offload_dir} is not writable{where}: {reason}")
     return d
 
 

@@ -86,22 +86,37 @@ def clean_leftovers(output: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _is_within(path: Path, other: Path) -> bool:
+def is_within(path: Path, other: Path) -> bool:
+    """``path`` is ``other`` or lies below it (both resolved by the caller)."""
     return path == other or other in path.parents
 
 
-def _probe_writable(output: Path) -> None:
-    anc = output.parent
-    while not anc.exists():
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (a dangling symlink counts: it blocks creation)."""
+    anc = path
+    while not anc.exists() and not anc.is_symlink() and anc != anc.parent:
         anc = anc.parent
-    if not anc.is_dir():
-        raise LlmpruneError(f"cannot create output {output}: {anc} is not a directory")
+    return anc
+
+
+def unwritable_reason(directory: Path) -> str | None:
+    """None when a file can be created in the existing ``directory`` (a probe file is made and removed), else why."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=".llmprune-probe-", dir=anc)
+        fd, probe = tempfile.mkstemp(prefix=".llmprune-probe-", dir=directory)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise LlmpruneError(f"cannot write output {output}: {anc} is not writable ({exc.strerror})") from None
+        return exc.strerror or str(exc)
+    return None
+
+
+def _probe_writable(output: Path) -> None:
+    anc = nearest_existing(output.parent)
+    if not anc.is_dir():
+        raise LlmpruneError(f"cannot create output {output}: {anc} is not a directory")
+    reason = unwritable_reason(anc)
+    if reason is not None:
+        raise LlmpruneError(f"cannot write output {output}: {anc} is not writable ({reason})")
 
 
 def check_output(output: str | os.PathLike, overwrite: bool, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
@@ -119,7 +134,7 @@ def check_output(output: str | os.PathLike, overwrite: bool, *, inputs: Iterable
     resolved = output.resolve()
     for ref in inputs:
         p = Path(ref).expanduser()
-        if p.exists() and _is_within(p.resolve(), resolved):
+        if p.exists() and is_within(p.resolve(), resolved):
             what = "is" if p.resolve() == resolved else "contains"
             raise LlmpruneError(f"output {output} {what} the input {ref}; choose another --output")
     if output.exists() or output.is_symlink():
@@ -128,7 +143,7 @@ def check_output(output: str | os.PathLike, overwrite: bool, *, inputs: Iterable
         if not output.is_dir() or output.is_symlink():
             raise LlmpruneError(f"output {output} exists and is not a directory; refusing to replace it")
         protected = [Path.cwd().resolve(), Path.home().resolve()]
-        if any(_is_within(p, resolved) for p in protected) or resolved == Path(resolved.anchor):
+        if any(is_within(p, resolved) for p in protected) or resolved == Path(resolved.anchor):
             raise LlmpruneError(f"refusing to replace {output}: it is the current, home or root directory or "
                                 "one of their ancestors")
         if not (output / METADATA_FILE).is_file():
