@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._combine import merge_partial_row
 from ._device import arrival_counters, check_shared, device_info, smem_limit
 
 
@@ -101,14 +102,8 @@ def _gated_attention_kernel(
             s_ok = offs_s < NUM_SPLITS
             parts = base + offs_s * PART
             for g in range(0, G):
-                m_s = tl.load(parts + g, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-                l_s = tl.load(parts + G_PAD + g, mask=s_ok, other=0.0, cache_modifier=".cg")
-                a_s = tl.load(parts[:, None] + 2 * G_PAD + g * HEAD_D + offs_d[None, :], mask=s_ok[:, None],
-                              other=0.0, cache_modifier=".cg")
-                m_max = tl.max(m_s, 0)
-                w = tl.exp2(m_s - tl.where(m_max == float("-inf"), 0.0, m_max))
-                den = tl.sum(w * l_s, 0)
-                o = tl.sum(w[:, None] * a_s, 0) / tl.where(den > 0, den, 1.0)
+                num, den = merge_partial_row(parts, s_ok, g, G_PAD, HEAD_D, offs_d)
+                o = num / tl.where(den > 0, den, 1.0)
                 tl.store(out_ptr + b * stride_ob + (h * G + g) * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
             tl.atomic_xchg(arrive_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
 

@@ -16,7 +16,7 @@ state) with ``S = q K^T`` and ``acc += P V`` on tensor cores, fp32 accumulate. E
 rows of its unnormalised partial ``(m, l, acc)`` and bumps the head's arrival counter; the last of the ``S + 1`` to
 arrive merges them (log-sum-exp rescaling), writes the output in the query dtype and resets the counter.
 
-Known limit (issue 14, point 3): the values are still gathered 2 bytes at a time behind dependent metadata loads,
+Known limit: the values are still gathered 2 bytes at a time behind dependent metadata loads,
 with no ``cp.async`` pipelining; the compile-level report (``eval/results/kernel_report.md``) puts the main loop's
 issue ceiling near 1.2 TB/s on sm_90, below what 2.2x dense SDPA needs. :func:`kv_bitmap_config` is the launcher's
 config as a pure function; :func:`check_config` refuses block sizes and shared memory the GPU cannot take.
@@ -26,8 +26,6 @@ config as a pure function; :func:`check_config` refuses block sizes and shared m
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -35,7 +33,9 @@ from triton.language.extra import libdevice
 
 from llmprune.formats.bitmap import TILE, unpack_by_offsets
 
-from ._device import arrival_counters, check_shared, device_info
+from ._combine import merge_partial_row
+from ._device import arrival_counters, device_info
+from ._kv_bitmap_config import BLOCK_N_RANGE, MAX_SPLITS, check_config, kv_bitmap_config, shared_bytes  # noqa: F401
 
 _LOG2E = 1.4426950408889634
 
@@ -201,13 +201,8 @@ def _kv_bitmap_attention_kernel(
         p_ok = offs_p < n_parts
         parts = base + offs_p * PART
         for r in range(0, G * M):
-            m_p = tl.load(parts + r, mask=p_ok, other=float("-inf"), cache_modifier=".cg")
-            l_p = tl.load(parts + BLOCK_R + r, mask=p_ok, other=0.0, cache_modifier=".cg")
-            a_p = tl.load(parts[:, None] + 2 * BLOCK_R + r * D + offs_d[None, :], mask=p_ok[:, None], other=0.0,
-                          cache_modifier=".cg")
-            m_max = tl.max(m_p, axis=0)
-            w = tl.exp2(m_p - tl.where(m_max == float("-inf"), 0.0, m_max))
-            o = tl.sum(a_p * w[:, None], axis=0) / tl.sum(w * l_p, axis=0)
+            num, den = merge_partial_row(parts, p_ok, r, BLOCK_R, D, offs_d)
+            o = num / den
             o_ptr = out_ptr + b64 * s_ob + (h * G + r // M).to(tl.int64) * s_oh + (r % M) * s_om + offs_d
             tl.store(o_ptr, o.to(out_ptr.dtype.element_ty))
         tl.atomic_xchg(arrive_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
@@ -215,52 +210,6 @@ def _kv_bitmap_attention_kernel(
 
 #: True when the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module loaded).
 _INTERPRETED = not isinstance(_kv_bitmap_attention_kernel, triton.runtime.JITFunction)
-
-
-#: Most split programs per KV head over the compressed part (the in-kernel combine holds ``[next_pow2(S + 1), d]``).
-MAX_SPLITS = 63
-#: Accepted ``block_n`` (tokens per step): powers of two in this range.
-BLOCK_N_RANGE = (16, 128)
-
-
-def kv_bitmap_config(batch: int, kv_heads: int, group: int, queries: int, n_compressed: int, head_dim: int, *,
-                     num_sms: int, block_n: int = 32, num_splits: int | None = None) -> dict:
-    """The launcher's config (pure, no device needed): block, splits over the compressed part, warps.
-
-    Splits: enough programs (``batch * kv_heads * (S + 1)``) to give every SM two, at most one per block.
-    """
-    n_blocks = triton.cdiv(n_compressed, block_n)
-    programs = batch * kv_heads
-    if num_splits is None:
-        S = 1 if n_blocks == 0 else max(1, min(n_blocks, math.ceil(2 * num_sms / max(1, programs)), MAX_SPLITS))
-    else:
-        S = num_splits
-    S = max(1, min(S, max(1, n_blocks)))
-    blocks_per_split = triton.cdiv(max(n_blocks, 1), S)
-    S = triton.cdiv(max(n_blocks, 1), blocks_per_split)
-    return dict(BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(group * queries)), NUM_SPLITS=S,
-                BLOCKS_PER_SPLIT=blocks_per_split, PARTS_PAD=triton.next_power_of_2(S + 1), D=head_dim,
-                num_warps=4 if head_dim <= 64 else 8)
-
-
-def shared_bytes(cfg: dict, itemsize: int) -> int:
-    """Upper bound of a config's shared memory (``itemsize``: 4 for fp32 queries, whose tiles stay fp32), fitted
-    above the compiled kernels (d 64-256, block_n 16-128, bf16 and fp32; ``tests/kernels/test_compiled.py``)."""
-    bn, d, r = cfg["BLOCK_N"], cfg["D"], cfg["BLOCK_R"]
-    return 4 * itemsize * bn * d + 8 * r * max(bn, d) + 8192
-
-
-def check_config(cfg: dict, itemsize: int, arch: int) -> None:
-    """Raise ``ValueError`` for a block size or split count the kernel does not take, or too much shared memory."""
-    bn = cfg["BLOCK_N"]
-    lo, hi = BLOCK_N_RANGE
-    if not isinstance(bn, int) or bn < lo or bn > hi or bn & (bn - 1):
-        raise ValueError(f"kv_bitmap_attention: block_n must be a power of two in [{lo}, {hi}], got {bn!r}")
-    if cfg["NUM_SPLITS"] > MAX_SPLITS:
-        raise ValueError(f"kv_bitmap_attention: num_splits must be <= {MAX_SPLITS}, got {cfg['NUM_SPLITS']}")
-    check_shared("kv_bitmap_attention", shared_bytes(cfg, itemsize), arch,
-                 f"use a smaller block_n (got {bn}) for head_dim {cfg['D']}"
-                 + (" or 16-bit queries" if itemsize > 2 else ""))
 
 
 def _check_row(name: str, t: torch.Tensor, B: int, H: int, dtype, min_len: int, device) -> None:

@@ -1,0 +1,58 @@
+"""Launch configuration of the bitmap-KV decode-attention kernel, as pure functions (no device needed).
+
+The launcher (:func:`llmprune.kernels.kv_bitmap_attention.kv_bitmap_attention`), the compile-level tests and
+``eval/kernel_report.py`` all choose and check configs through these, so they compile what runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+
+from ._device import check_shared
+
+#: Most split programs per KV head over the compressed part (the in-kernel combine holds ``[next_pow2(S + 1), d]``).
+MAX_SPLITS = 63
+#: Accepted ``block_n`` (tokens per step): powers of two in this range.
+BLOCK_N_RANGE = (16, 128)
+
+
+def kv_bitmap_config(batch: int, kv_heads: int, group: int, queries: int, n_compressed: int, head_dim: int, *,
+                     num_sms: int, block_n: int = 32, num_splits: int | None = None) -> dict:
+    """The launcher's config (pure, no device needed): block, splits over the compressed part, warps.
+
+    Splits: enough programs (``batch * kv_heads * (S + 1)``) to give every SM two, at most one per block.
+    """
+    n_blocks = triton.cdiv(n_compressed, block_n)
+    programs = batch * kv_heads
+    if num_splits is None:
+        S = 1 if n_blocks == 0 else max(1, min(n_blocks, math.ceil(2 * num_sms / max(1, programs)), MAX_SPLITS))
+    else:
+        S = num_splits
+    S = max(1, min(S, max(1, n_blocks)))
+    blocks_per_split = triton.cdiv(max(n_blocks, 1), S)
+    S = triton.cdiv(max(n_blocks, 1), blocks_per_split)
+    return dict(BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(group * queries)), NUM_SPLITS=S,
+                BLOCKS_PER_SPLIT=blocks_per_split, PARTS_PAD=triton.next_power_of_2(S + 1), D=head_dim,
+                num_warps=4 if head_dim <= 64 else 8)
+
+
+def shared_bytes(cfg: dict, itemsize: int) -> int:
+    """Upper bound of a config's shared memory (``itemsize``: 4 for fp32 queries, whose tiles stay fp32), fitted
+    above the compiled kernels (d 64-256, block_n 16-128, bf16 and fp32; ``tests/kernels/test_compiled.py``)."""
+    bn, d, r = cfg["BLOCK_N"], cfg["D"], cfg["BLOCK_R"]
+    return 4 * itemsize * bn * d + 8 * r * max(bn, d) + 8192
+
+
+def check_config(cfg: dict, itemsize: int, arch: int) -> None:
+    """Raise ``ValueError`` for a block size or split count the kernel does not take, or too much shared memory."""
+    bn = cfg["BLOCK_N"]
+    lo, hi = BLOCK_N_RANGE
+    if not isinstance(bn, int) or bn < lo or bn > hi or bn & (bn - 1):
+        raise ValueError(f"kv_bitmap_attention: block_n must be a power of two in [{lo}, {hi}], got {bn!r}")
+    if cfg["NUM_SPLITS"] > MAX_SPLITS:
+        raise ValueError(f"kv_bitmap_attention: num_splits must be <= {MAX_SPLITS}, got {cfg['NUM_SPLITS']}")
+    check_shared("kv_bitmap_attention", shared_bytes(cfg, itemsize), arch,
+                 f"use a smaller block_n (got {bn}) for head_dim {cfg['D']}"
+                 + (" or 16-bit queries" if itemsize > 2 else ""))
