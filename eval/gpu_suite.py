@@ -46,8 +46,8 @@ RESULTS = ROOT / "eval" / "results"
 S24_SHAPES = [(4096, 4096, "q/o_proj"), (14336, 4096, "gate/up_proj"), (4096, 14336, "down_proj"),
               (6144, 4096, "fused qkv")]  # (N, K) = (out, in)
 ATTN = dict(batch=1, hq=32, hkv=8, d=128)
-GOALS = {"sparse24": 1.5, "kv_bitmap": 2.2, "gated": 6.0, "e2e": 1.35}
-SECTIONS = ("correctness", "sparse24", "kv_bitmap", "gated", "e2e")
+GOALS = {"sparse24": 1.5, "kv_bitmap": 2.2, "gated": 6.0, "e2e": 1.35, "act_sparse": 1.6}
+SECTIONS = ("correctness", "sparse24", "kv_bitmap", "gated", "e2e", "act_sparse")
 FLUSH_FACTOR = 4  # bytes touched between two uses of one buffer copy, in L2 sizes
 #: Where inputs and the correctness checks run ("cuda"; the CPU test runs the checks interpreted at small sizes).
 DEVICE = "cuda"
@@ -85,6 +85,10 @@ def plan(args) -> list[Step]:
             steps.append(Step("correctness", "kv_bitmap 32k 70%", dict(context=32768, sparsity=0.7, m=1, dtype=dtype)))
             steps.append(Step("correctness", "kv_bitmap 4k 70% M=4", dict(context=4096, sparsity=0.7, m=4, dtype=dtype)))
             steps.append(Step("correctness", "gated 32k 90% (-1 padded)", dict(context=32768, skip=0.9, dtype=dtype)))
+            for n, k, what in S24_SHAPES[:3]:
+                for m in (1, 4):
+                    steps.append(Step("correctness", f"act_sparse {what} {n}x{k} M={m} 50%",
+                                      dict(n=n, k=k, m=m, sparsity=0.5, dtype=dtype)))
     if want("sparse24"):
         for n, k, what in S24_SHAPES:
             steps.append(Step("sparse24", f"{what} {n}x{k} M=1", dict(n=n, k=k, m=1), GOALS["sparse24"]))
@@ -97,6 +101,13 @@ def plan(args) -> list[Step]:
         for skip in (0.9, 0.5):
             steps.append(Step("gated", f"32k {skip:.0%} skipped", dict(context=32768, skip=skip, block=64),
                               GOALS["gated"] if skip == 0.9 else None))
+    if want("act_sparse"):
+        for n, k, what in S24_SHAPES:
+            steps.append(Step("act_sparse", f"{what} {n}x{k} M=1 50% zeroed", dict(n=n, k=k, m=1, sparsity=0.5),
+                              GOALS["act_sparse"]))
+        for sp, m in ((0.4, 1), (0.9, 1), (0.5, 4)):
+            steps.append(Step("act_sparse", f"q/o_proj 4096x4096 M={m} {sp:.0%} zeroed",
+                              dict(n=4096, k=4096, m=m, sparsity=sp)))
     if want("e2e") and args.e2e_layers > 0:
         steps.append(Step("e2e", "Llama-3-8B-shaped (random init) greedy decode, batch 1, dense vs packed 2:4",
                           dict(layers=args.e2e_layers, prompt=128, new=128), GOALS["e2e"], est_s=150.0))
@@ -281,6 +292,32 @@ def check_sparse24(p: dict, gen) -> dict:
     return res
 
 
+def act_sparse_inputs(m: int, k: int, sparsity: float, dtype, gen):
+    """``(x [m, k], threshold)`` with a ``sparsity`` fraction of ``x``'s entries below the threshold."""
+    x = torch.randn(m, k, device=DEVICE, generator=gen).to(dtype)
+    a = x.float().abs().flatten().sort().values
+    j = min(a.numel() - 1, round(sparsity * a.numel()))
+    return x, float(a[j])
+
+
+def check_act_sparse(p: dict, gen) -> dict:
+    from llmprune.kernels.act_sparse_gemv import act_sparse_gemv
+
+    dtype = _dtype(p["dtype"])
+    x, t = act_sparse_inputs(p["m"], p["k"], p["sparsity"], dtype, gen)
+    wt = (torch.randn(p["k"], p["n"], device=DEVICE, generator=gen) * p["k"] ** -0.5).to(dtype)
+    bias = torch.randn(p["n"], device=DEVICE, generator=gen).to(dtype)
+    out = torch.full((p["m"], p["n"]), float("nan"), dtype=dtype, device=DEVICE)
+    y = act_sparse_gemv(x, wt, t, bias, out=out).clone()
+    again = act_sparse_gemv(x, wt, t, bias)
+    xd = x.double()
+    ref = torch.where(xd.abs() < t, torch.zeros_like(xd), xd) @ wt.double() + bias.double()
+    res = compare(y, ref, dtype)
+    res["repeat_identical"] = bool(torch.equal(y, again))
+    res["ok"] = res["ok"] and res["repeat_identical"]
+    return res
+
+
 def check_kv_bitmap(p: dict, gen) -> dict:
     from llmprune.kernels.kv_bitmap_attention import kv_bitmap_attention
 
@@ -373,6 +410,37 @@ def bench_sparse24(p: dict, gen, bw: float) -> dict:
     row["speedup_cold"] = row["dense"]["cold_ms"] / row["ours"]["cold_ms"]
     row["speedup_warm"] = row["dense"]["warm_ms"] / row["ours"]["warm_ms"]
     row["bytes"] = dict(dense=dense_b + io, ours=packed_b + io)
+    return row
+
+
+def bench_act_sparse(p: dict, gen, bw: float) -> dict:
+    """Input-sparse GEMV (TEAL) vs dense ``F.linear`` (cuBLAS GEMV) on the same ``x``, bf16, cold L2."""
+    import torch.nn.functional as F
+    from llmprune.kernels.act_sparse_gemv import act_sparse_config, act_sparse_gemv
+
+    n, k, m, dtype = p["n"], p["k"], p["m"], torch.bfloat16
+    x, t = act_sparse_inputs(m, k, p["sparsity"], dtype, gen)
+    w0 = (torch.randn(n, k, device="cuda", generator=gen) * k**-0.5).to(dtype)
+    kept = float((x.float().abs() >= t).any(0).float().mean())  # rows of W^T the kernel must read
+    dense_b, io = n * k * 2, (m * k + m * n) * 2
+    ours_b = round(kept * dense_b)
+    budget = free_budget()
+    r_dense = copies_for(dense_b, dense_b, budget // 2)
+    r_ours = copies_for(max(ours_b, 1), dense_b, budget // 2)
+    ws = [w0] + [w0.clone() for _ in range(r_dense - 1)]
+    wts = [w0.t().contiguous() for _ in range(r_ours)]  # W^T row-major, as the runtime lays it out
+    y = torch.empty(m, n, device="cuda", dtype=dtype)
+    row = dict(config=act_sparse_config(m, n, k, num_sms=torch.cuda.get_device_properties(0).multi_processor_count),
+               kept_inputs=kept)
+    row["dense"] = timed(lambda i: F.linear(x, ws[i]), r_dense)
+    row["ours"] = timed(lambda i: act_sparse_gemv(x, wts[i], t, out=y, check=False), r_ours)
+    for key, nbytes in (("dense", dense_b + io), ("ours", ours_b + io)):
+        tm = row[key]
+        tm["cold_GBps"] = nbytes / (tm["cold_ms"] * 1e-3) / 1e9
+        tm["cold_share_of_copy_bw"] = tm["cold_GBps"] / bw
+    row["speedup_cold"] = row["dense"]["cold_ms"] / row["ours"]["cold_ms"]
+    row["speedup_warm"] = row["dense"]["warm_ms"] / row["ours"]["warm_ms"]
+    row["bytes"] = dict(dense=dense_b + io, ours=ours_b + io)
     return row
 
 
@@ -522,8 +590,10 @@ def run(args) -> dict:
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.0f} GB/s (read + write)", flush=True)
     results = dict(environment=env, seed=seed, copy_GBps=bw, flush_factor=FLUSH_FACTOR, steps=[])
-    funcs = dict(sparse24=bench_sparse24, kv_bitmap=bench_kv_bitmap, gated=bench_gated, e2e=bench_e2e)
-    checks = {"sparse24": check_sparse24, "kv_bitmap": check_kv_bitmap, "gated": check_gated}
+    funcs = dict(sparse24=bench_sparse24, kv_bitmap=bench_kv_bitmap, gated=bench_gated, e2e=bench_e2e,
+                 act_sparse=bench_act_sparse)
+    checks = {"sparse24": check_sparse24, "kv_bitmap": check_kv_bitmap, "gated": check_gated,
+              "act_sparse": check_act_sparse}
     for st in steps:
         if time.time() - t0 + st.est_s > args.budget_s:
             results["steps"].append(dict(step=st.describe(), skipped=f"time budget {args.budget_s} s spent"))
@@ -558,7 +628,7 @@ def summary_line(r: dict) -> str:
         return (f"{head}: dense {r['dense_tokens_per_s']:.1f} tok/s, packed 2:4 {r['packed_tokens_per_s']:.1f} tok/s -> "
                 f"{r['speedup_cold']:.2f}x, goal {r['goal']}x {met}; {r['packed_linears']} linears packed, first 16 "
                 f"greedy tokens identical: {r['first_16_tokens_identical']}")
-    dense = r["dense"] if r["section"] == "sparse24" else r["dense"][r["dense"]["best"]]
+    dense = r["dense"] if r["section"] in ("sparse24", "act_sparse") else r["dense"][r["dense"]["best"]]
     goal = f", goal {r['goal']}x {'MET' if r['speedup_cold'] >= r['goal'] else 'not met'}" if r.get("goal") else ""
     peer = ""
     if r["section"] == "sparse24" and "cold_ms" in r.get("torch_2:4", {}):
@@ -580,7 +650,8 @@ def markdown(res: dict) -> str:
     for section, title in (("correctness", "Correctness (float64 references, NaN-poisoned outputs)"),
                            ("sparse24", "2:4 linear (bf16, x @ W^T)"), ("kv_bitmap", "Bitmap-KV decode attention"),
                            ("gated", "Gated block-sparse decode attention"),
-                           ("e2e", "End-to-end decode (batch 1)")):
+                           ("e2e", "End-to-end decode (batch 1)"),
+                           ("act_sparse", "Input-sparse GEMV (TEAL activation sparsity, bf16, vs dense F.linear)")):
         rows = [r for r in res["steps"] if r.get("section") == section]
         if not rows:
             continue

@@ -395,9 +395,18 @@ def gated_call(keep: float = 0.1, block: int = 64, dtype=torch.bfloat16, **shape
     return call
 
 
+def act_sparse_call(n: int, k: int, m: int = 1, dtype=torch.bfloat16):
+    """The input-sparse GEMV on ``x [m, k] @ W^T [k, n]`` (the threshold is a runtime scalar)."""
+    def call(mod):
+        mod.act_sparse_gemv(meta(m, k, dtype=dtype), meta(k, n, dtype=dtype), 0.5)
+
+    return call
+
+
 # --------------------------------------------------------------------------- jobs (in process, or in workers)
 
-CALLS = {"sparse24_linear": sparse24_call, "kv_bitmap_attention": kv_bitmap_call, "gated_attention": gated_call}
+CALLS = {"sparse24_linear": sparse24_call, "kv_bitmap_attention": kv_bitmap_call, "gated_attention": gated_call,
+         "act_sparse_gemv": act_sparse_call}
 
 
 def job(kind: str, arch: int, **params) -> tuple:

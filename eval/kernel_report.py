@@ -24,7 +24,8 @@ from pathlib import Path
 import kernel_compile as kc
 
 HBM_TBS = {"H100 SXM": 3.35, "H200": 4.8}
-GOALS = {"sparse24": 1.5, "kv_bitmap": 2.2, "gated": 6.0}
+GOALS = {"sparse24": 1.5, "kv_bitmap": 2.2, "gated": 6.0, "act_sparse": 1.6}
+ACT_SPARSITY = 0.5  # input-sparse GEMV: fraction of x zeroed at the benchmark point
 KV_SPARSITY = 0.7
 GATED_SKIP, GATED_BLOCK = 0.9, 64
 KV_LABEL = f"{KV_SPARSITY:.0%} / 32k, 32q/8kv, d128"
@@ -55,6 +56,8 @@ def _iter_bytes(kind: str, c) -> float:
     k = c.constexprs
     if kind == "sparse24":
         return k["BLOCK_N"] * (2 * k["BLOCK_G"] * 2 + k["BLOCK_G"] // 8 * 4)
+    if kind == "act_sparse":  # the kept rows of the W^T tile, plus the x slice
+        return (1 - ACT_SPARSITY) * k["BLOCK_K"] * k["BLOCK_N"] * 2 + k["BLOCK_M"] * k["BLOCK_K"] * 2
     if kind == "kv_bitmap":
         lay = kc.kv_bitmap_layout(kc.ATTN["context"], KV_SPARSITY, d=k["D"])
         return 2 * k["BLOCK_N"] * (lay["tiles"] * 12 + lay["keep"] * 2)
@@ -65,6 +68,8 @@ def _config(kind: str, c) -> str:
     k = c.constexprs
     if kind == "sparse24":
         return f"bn={k['BLOCK_N']} bg={k['BLOCK_G']} split={k['SPLIT_K']} w={c.num_warps}"
+    if kind == "act_sparse":
+        return f"bn={k['BLOCK_N']} bk={k['BLOCK_K']} split={k['SPLIT_K']} w={c.num_warps}"
     if kind == "kv_bitmap":  # grid (B * Hkv, splits + 1): the last program takes the dense window
         return f"bn={k['BLOCK_N']} splits={c.grid[1] - 1}+1 w={c.num_warps}"
     return f"bn={k['BLOCK_N']} splits={k['NUM_SPLITS']} w={c.num_warps}"
@@ -78,6 +83,11 @@ def roofline() -> list[dict]:
         dense = 2 * n * k + io
         ours = n * (k // 2) * 2 + n * ((k // 2 + 15) // 16) * 4 + io
         rows.append(dict(kind="sparse24", label=f"M=1 {label}", point=f"2:4 M=1 {label}", dense=dense, ours=ours))
+    for label, (n, k) in kc.SPARSE24_SHAPES.items():
+        io = 2 * k + 2 * n
+        ours = round((1 - ACT_SPARSITY) * 2 * n * k) + io
+        rows.append(dict(kind="act_sparse", label=f"M=1 {label}", point=f"act-sparse {ACT_SPARSITY:.0%} M=1 {label}",
+                         dense=2 * n * k + io, ours=ours))
     a = kc.ATTN
     dense_kv = 2 * a["batch"] * a["hkv"] * a["context"] * a["d"] * 2
     lay = kc.kv_bitmap_layout(a["context"], KV_SPARSITY, d=a["d"])
@@ -103,6 +113,8 @@ def build(archs) -> list[tuple[str, str, list]]:
     cases = [("sparse24", f"M=1 {label}", "sparse24_linear", dict(n=n, k=k))
              for label, (n, k) in kc.SPARSE24_SHAPES.items()]
     cases += [("sparse24", "M=16 4096x4096", "sparse24_linear", dict(n=4096, k=4096, m=16))]
+    cases += [("act_sparse", f"M=1 {label}", "act_sparse_gemv", dict(n=n, k=k))
+              for label, (n, k) in kc.SPARSE24_SHAPES.items()]
     cases += [("kv_bitmap", KV_LABEL, "kv_bitmap_attention", {})]
     cases += [("gated", GATED_LABEL, "gated_attention", {})]
     jobs = {(kind, label, arch): kc.job(mod, arch, **params) for kind, label, mod, params in cases for arch in archs}
@@ -123,7 +135,7 @@ def report(archs) -> str:
              "| kernel | shape | arch | config | regs | CTAs/SM (regs) | spills | smem KB | main-loop SASS | SHFL | BAR "
              "| main-loop global loads | DRAM B / iter | issue ceiling TB/s |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
-    ceilings: dict[str, float] = {}
+    ceilings: dict[tuple[str, str], float] = {}
     for kind, label, per_arch in build(archs):
         for arch, launches in per_arch:
             if isinstance(launches, ValueError):
@@ -134,7 +146,7 @@ def report(archs) -> str:
                 b = _iter_bytes(kind, c)
                 ceil = _ceiling(c, b)
                 if ceil is not None and arch == 90:
-                    ceilings[label] = ceil
+                    ceilings[(kind, label)] = ceil
                 lines.append(
                     f"| {c.name.strip('_')} | {label} | sm_{arch} | {_config(kind, c)} | {c.regs} | {c.ctas_per_sm_regs} "
                     f"| {c.local_bytes + c.spill_ops} | {c.shared / 1024:.1f} | {loop.size if loop else '-'} "
@@ -148,7 +160,7 @@ def report(archs) -> str:
               "| sm_90 issue ceiling TB/s | ceiling / need (H200) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in roofline():
-        ceil = ceilings.get(r["label"], math.nan)
+        ceil = ceilings.get((r["kind"], r["label"]), math.nan)
         need = r["need"]["H200"]
         lines.append(
             f"| {r['point']} | {r['dense'] / 1e6:.2f} | {r['ours'] / 1e6:.2f} | {r['ratio']:.1%} | {r['ideal']:.2f}x "

@@ -5,6 +5,7 @@ The CLI and the eval scripts are thin wrappers over these.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -14,10 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmprune.calibration.capture import capture_layer_inputs
-from llmprune.calibration.data import check_calib_source, clip_seqlen, load_calibration
-from llmprune.config import PruneConfig, Recipe
-from llmprune.engine.layerwise import prune_layerwise
+from llmprune.calibration.data import check_calib_source, clip_seqlen, load_calibration_resolved
+from llmprune.config import PruneConfig, Recipe, RecoveryConfig
+from llmprune.engine.layerwise import capture_inputs, default_compute_dtype, prune_layerwise
 from llmprune.engine.preflight import check_model_finite, preflight
 from llmprune.engine.run import model_is_path
 from llmprune.engine.step import check_stages, verify_model
@@ -41,6 +41,8 @@ from llmprune.model.loading import DEFAULT_MODEL, load_pretrained, load_tokenize
 from llmprune.model.structured import is_nonuniform
 from llmprune.prune.registry import method_for_config
 from llmprune.prune.report import CompressResult, PruneReport
+from llmprune.recover.distill import distill
+from llmprune.recover.layer import check_recovery
 
 __all__ = ["CompressResult", "PruneContext", "compress", "prune"]
 
@@ -66,6 +68,7 @@ def prune(
     device: str | torch.device | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    recover: RecoveryConfig | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place with one config or a sequence of stages.
 
@@ -77,11 +80,19 @@ def prune(
         device: where each decoder layer runs (default: CUDA if available).
         batch_size: calibration sequences per forward pass.
         progress: progress bars over layers.
+        recover: recovery that keeps the pattern (:mod:`llmprune.recover`): ``mode="block"`` reconstructs
+            each pruned decoder block against the dense one inside the layer loop, ``mode="e2e"`` distills
+            the pruned model from a copy of the dense one afterwards; None: none.
 
     Returns:
         A :class:`PruneReport`.
     """
     stages = [config] if isinstance(config, PruneConfig) else list(config)
+    check_recovery(recover, stages, [method_for_config(s).kind for s in stages])
+    if recover is not None and calib is None:
+        raise ConfigError("recovery needs calibration data")
+    block = recover if recover is not None and recover.mode == "block" else None
+    teacher = copy.deepcopy(model) if recover is not None and recover.mode == "e2e" else None
     dev = resolve_device(device)
     report = PruneReport()
     t0 = time.perf_counter()
@@ -103,7 +114,8 @@ def prune(
                 verify_model(model, [stage], stage_reports)
                 report.modules.extend(stage_reports)
                 continue
-            inputs = capture_layer_inputs(model, calib, dev, batch_size) if method.stats else None
+            compute = default_compute_dtype(model, dev)  # fp32 on CPU for 16-bit models, one layer at a time
+            inputs = capture_inputs(model, calib, dev, batch_size, compute) if method.stats or block else None
             report.modules.extend(
                 prune_layerwise(
                     model,
@@ -113,9 +125,14 @@ def prune(
                     device=dev,
                     ignore=lambda name, p=patterns: matches_any(name, p),
                     progress=progress,
+                    recover=block,
+                    compute_dtype=compute,
                 )
             )
             del inputs
+        if teacher is not None:
+            report.distill = distill(model, teacher, calib, recover, device=dev, batch_size=batch_size,
+                                     progress=progress)
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - t0
@@ -175,7 +192,8 @@ def compress(
     check_record_paths(record_paths)
     opts = StreamOptions(resume=resume, max_memory=max_memory, offload_dir=offload_dir, dist_reduce=dist_reduce)
     check_stream_options(opts)
-    needs_calib = any(method_for_config(s).needs_calibration for s in recipe.stages)
+    check_recovery(recipe.recover, recipe.stages, [method_for_config(s).kind for s in recipe.stages])
+    needs_calib = any(method_for_config(s).needs_calibration for s in recipe.stages) or recipe.recover is not None
     if needs_calib:
         check_calib_source(recipe.calibration)
     fmt = get_format(recipe.save.format)
@@ -207,11 +225,15 @@ def compress(
     if needs_calib:
         calib_cfg = clip_seqlen(calib_cfg, model.config)
         t_cal = time.perf_counter()
-        calib = load_calibration(calib_cfg, tokenizer, model)
+        calib, calib_cfg = load_calibration_resolved(calib_cfg, tokenizer, model, progress=progress)  # auto -> c4/self
         log.info("calibration data: %s in %.1fs", tuple(calib.shape), time.perf_counter() - t_cal)
-    report = prune(model, recipe.stages, calib, device=dev, batch_size=calib_cfg.batch_size, progress=progress)
+    report = prune(model, recipe.stages, calib, device=dev, batch_size=calib_cfg.batch_size, progress=progress,
+                   recover=recipe.recover)
     verify_model(model, recipe.stages, report.modules)  # an internal error here: nothing is saved
     model.config.use_cache = True
+    if recipe.save.dtype != "auto":  # save.dtype: the saved weights' dtype (pruned zeros stay zeros)
+        model.to(parse_dtype(recipe.save.dtype))
+        model.config.dtype = parse_dtype(recipe.save.dtype)
     save_format = recipe.save.format
     if save_format == "dense" and is_nonuniform(model):  # per-layer sizes (cfsp): plain "dense" cannot describe them
         save_format = "structured"

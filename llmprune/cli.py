@@ -17,27 +17,35 @@ Every bad input ends in one line on stderr, never a traceback (``-v`` adds the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
 import re
 import sys
 import traceback
+import warnings
 
 from llmprune._version import __version__
 from llmprune.commands import bench as _bench
+from llmprune.commands import calibrate_act as _calibrate_act
 from llmprune.commands import calibrate_kv as _calibrate_kv
+from llmprune.commands import card as _card
+from llmprune.commands import completion as _completion
 from llmprune.commands import compress as _compress
 from llmprune.commands import convert as _convert
+from llmprune.commands import env as _env
 from llmprune.commands import eval as _eval
 from llmprune.commands import generate as _generate
+from llmprune.commands import info as _info
 from llmprune.commands import ppl as _ppl
 from llmprune.commands import push as _push
+from llmprune.commands import recipes as _recipes
 from llmprune.commands import train_gates as _train_gates
 from llmprune.errors import LlmpruneError
-from llmprune.publish.hub import hub_error_message
 
-COMMANDS = (_compress, _ppl, _eval, _bench, _push, _convert, _train_gates, _generate, _calibrate_kv)
+COMMANDS = (_compress, _ppl, _eval, _bench, _push, _convert, _train_gates, _generate, _calibrate_kv,
+            _calibrate_act, _info, _card, _recipes, _env, _completion)
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
 EXIT_INTERRUPTED = 130
@@ -49,21 +57,41 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``llmprune`` parser with one subparser per module in :data:`COMMANDS`."""
+def _command_name(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (the first word; the top-level options take no values), or None."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in {mod.NAME for mod in COMMANDS} else None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``llmprune`` parser with one subparser per module in :data:`COMMANDS`.
+
+    ``only``: add the arguments of that subcommand alone (the others keep their name and help), so that
+    ``llmprune --help`` and ``llmprune CMD ...`` build no more than they need (some arguments import torch).
+    """
     parser = _Parser(prog="llmprune", description="Post-training compression for LLMs.")
     parser.add_argument("--version", action="version", version=f"llmprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for mod in COMMANDS:
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
-        p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
+        p.add_argument("-q", "--quiet", action="store_true",
+                       help="only llmprune's warnings and the final summary (no progress bars, no library warnings)")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error")
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        if only is None or mod.NAME == only:
+            mod.add_arguments(p)
+        p.set_defaults(_run=mod.run, _build_parser=build_parser)  # `completion` reads the full parser
     return parser
 
 
+#: libraries whose log records and Python warnings ``-q`` silences (llmprune's own warnings still show)
+_THIRD_PARTY_LOGGERS = ("transformers", "torch", "accelerate", "datasets", "huggingface_hub", "lm_eval", "urllib3")
+
+
 def _setup_logging(quiet: bool, verbose: bool = False) -> None:
+    if quiet and not verbose:  # library warnings (FutureWarning, UserWarning ...) are noise for a user of the CLI
+        warnings.filterwarnings("ignore")
+        for name in _THIRD_PARTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -76,6 +104,18 @@ def _setup_logging(quiet: bool, verbose: bool = False) -> None:
         transformers.logging.disable_progress_bar()
     except Exception:  # pragma: no cover - transformers always present in practice
         pass
+
+
+def _logs_above_bars():
+    """Log lines printed through tqdm (above the progress bars, not through them) while a command runs; only
+    when the root logger prints to the console (a host application's own logging is left alone)."""
+    console = any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
+                  for h in logging.getLogger().handlers)
+    if not console:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def _one_line(text: object, limit: int = 500) -> str:
@@ -101,6 +141,8 @@ def error_message(exc: BaseException) -> tuple[str, int]:
         return "llmprune: interrupted", EXIT_INTERRUPTED
     if isinstance(exc, LlmpruneError):
         return f"llmprune: error: {_one_line(exc)}", EXIT_USER_ERROR
+    from llmprune.publish.hub import hub_error_message  # here: the CLI answers --help without its imports
+
     hub = hub_error_message(exc)
     if hub is not None:
         return f"llmprune: error: {_one_line(hub)}", EXIT_USER_ERROR
@@ -116,7 +158,8 @@ def error_message(exc: BaseException) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 user error, 3 internal error, 130 interrupted)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command_name(argv) or "")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, bad flags: keep main() returning a code
@@ -128,9 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     verbose = bool(getattr(args, "verbose", False))
+    from llmprune.model.network import allow_process_offline
+
+    allow_process_offline()  # a CLI run may switch its own process to offline mode when the Hub is unreachable
     try:
-        _setup_logging(args.quiet, verbose)
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():  # -q's filters end with the command (main() may run in-process)
+            _setup_logging(args.quiet, verbose)
+            with _logs_above_bars():
+                return int(args._run(args) or 0)
     except (Exception, KeyboardInterrupt) as exc:  # SystemExit (a command's own exit code) passes through
         line, code = error_message(exc)
         if verbose and not isinstance(exc, KeyboardInterrupt):

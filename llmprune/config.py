@@ -130,6 +130,10 @@ class CalibConfig:
         return dataclasses.asdict(self)
 
 
+#: ``save.dtype`` values (``auto``: the dtype the model was loaded in).
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass
 class SaveConfig:
     """How the checkpoint is written.
@@ -137,13 +141,18 @@ class SaveConfig:
     Attributes:
         format: on-disk format name (see :mod:`llmprune.formats.checkpoint`); ``"dense"``
             loads in plain transformers.
+        dtype: dtype of the saved weights: ``"auto"`` (the dtype the model was loaded in), ``"float32"``,
+            ``"bfloat16"`` or ``"float16"``.
     """
 
     format: str = "dense"
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.format, str) or not self.format:
             raise ConfigError(f"save.format must be a format name, got {self.format!r}")
+        if self.dtype not in SAVE_DTYPES:
+            raise ConfigError(f"save.dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,6 +161,16 @@ class SaveConfig:
 def _runtime_field(flag: str, help: str, kind: type = float, metavar: str = "FRACTION") -> Any:
     """A :class:`RuntimeConfig` field (default None) with its command-line flag and help in the metadata."""
     return field(default=None, metadata={"flag": flag, "help": help, "type": kind, "metavar": metavar})
+
+
+def _yes_no(value: str) -> bool:
+    """A command-line boolean: yes/no, true/false, on/off, 1/0 (argparse ``type``)."""
+    text = str(value).strip().lower()
+    if text in ("yes", "true", "on", "1"):
+        return True
+    if text in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"expected yes or no, got {value!r}")
 
 
 def _check_fraction(flag: str, source: str, value: Any) -> float:
@@ -179,6 +198,11 @@ class RuntimeConfig:
             ``llmprune calibrate-kv`` (relative paths in a checkpoint's ``llmprune.json`` are relative to the
             checkpoint), or ``"uniform"`` (the default: every layer and head at the same sparsity), or None.
             With a path alone the cache runs at the file's mean sparsities; given sparsities must equal them.
+        act_sparsity: model-level activation sparsity (TEAL) of the decoder linears' inputs, or None (with a
+            thresholds file alone: the file's calibrated level).
+        act_prefill: also sparsify multi-token (prefill) forwards, or None (no: decode steps only).
+        act_thresholds: ``act_thresholds.json`` from ``llmprune calibrate-act`` (relative paths in a checkpoint's
+            ``llmprune.json`` are relative to the checkpoint), or None.
     """
 
     #: Fields of the bitmap KV cache and of the attention gates; a source that sets any field of a group
@@ -186,7 +210,10 @@ class RuntimeConfig:
     KV_FIELDS: ClassVar[tuple[str, ...]] = ("kv_sparsity", "kv_k_sparsity", "kv_v_sparsity", "kv_window",
                                             "kv_allocation")
     ATTN_FIELDS: ClassVar[tuple[str, ...]] = ("attn_sparsity", "gates")
-    GROUPS: ClassVar[tuple[tuple[str, ...], ...]] = (KV_FIELDS, ATTN_FIELDS)
+    #: Activation sparsity (TEAL): each field is its own group, so ``--act-sparsity 0.4`` keeps a checkpoint's
+    #: thresholds file and ``--act-prefill`` keeps its level.
+    ACT_FIELDS: ClassVar[tuple[str, ...]] = ("act_sparsity", "act_prefill", "act_thresholds")
+    GROUPS: ClassVar[tuple[tuple[str, ...], ...]] = (KV_FIELDS, ATTN_FIELDS) + tuple((n,) for n in ACT_FIELDS)
 
     kv_sparsity: float | None = _runtime_field(
         "--kv-sparsity", "prune this fraction of every cached K and V vector per token (bitmap KV cache), e.g. 0.7")
@@ -201,6 +228,15 @@ class RuntimeConfig:
     kv_allocation: str | None = _runtime_field(
         "--kv-allocation", "bitmap KV cache budgets per layer and KV head: a kv_budgets.json (or its directory) "
         "from llmprune calibrate-kv, or 'uniform' (default)", str, "PATH")
+    act_sparsity: float | None = _runtime_field(
+        "--act-sparsity", "activation sparsity (TEAL): zero this model-level fraction of every decoder linear's "
+        "input entries at decode, by calibrated magnitude thresholds (llmprune calibrate-act), e.g. 0.4")
+    act_prefill: bool | None = _runtime_field(
+        "--act-prefill", "with activation sparsity: sparsify prefill (multi-token) forwards too (default no)",
+        _yes_no, "yes|no")
+    act_thresholds: str | None = _runtime_field(
+        "--act-thresholds", "activation thresholds: an act_thresholds.json (or its directory) from llmprune "
+        "calibrate-act (default: the checkpoint's)", str, "PATH")
 
     def __post_init__(self) -> None:
         flag = {f.name: f.metadata["flag"] for f in dataclasses.fields(self)}
@@ -226,6 +262,15 @@ class RuntimeConfig:
             if not self.kv_enabled:
                 raise ConfigError("--kv-window needs --kv-sparsity (or --k-sparsity/--v-sparsity or "
                                   "--kv-allocation FILE) (runtime.kv_window)")
+        if self.act_sparsity is not None:
+            _check_fraction(flag["act_sparsity"], "act_sparsity", self.act_sparsity)
+        if self.act_prefill is not None and not isinstance(self.act_prefill, bool):
+            raise ConfigError(f"--act-prefill must be yes or no, got {self.act_prefill!r} (runtime.act_prefill)")
+        if self.act_thresholds is not None:
+            if not isinstance(self.act_thresholds, (str, os.PathLike)) or not str(self.act_thresholds):
+                raise ConfigError(f"--act-thresholds must be a path, got {self.act_thresholds!r} "
+                                  "(runtime.act_thresholds)")
+            self.act_thresholds = str(self.act_thresholds)
         if self.gates is not None:
             if not isinstance(self.gates, (str, os.PathLike)) or not str(self.gates):
                 raise ConfigError(f"--gates must be a directory, got {self.gates!r} (runtime.gates)")
@@ -289,18 +334,80 @@ class RuntimeConfig:
 
 
 @dataclass
+class RecoveryConfig:
+    """Recovery after a per-linear prune stage that keeps the sparsity pattern (:mod:`llmprune.recover`).
+
+    Attributes:
+        mode: ``"block"``: inside the layer-by-layer engine, each pruned decoder block's kept weights are
+            optimized (Adam) so its outputs match the dense block's on the block's calibration inputs;
+            ``"e2e"``: the whole sparse model is distilled from the dense one (logit KL, optional hidden MSE).
+        scope: block mode: ``"separate"`` (attention against the dense attention output, then the MLP against
+            the dense block output) or ``"whole"`` (all linears of the block at once).
+        mask: ``"fixed"`` (the pruned entries stay zero) or ``"learn"`` (N:M only: SR-STE with progressive
+            gradient flow; the pattern is re-selected from straight-through dense weights every step).
+        steps: Adam steps per reconstructed part (block) or in total (e2e).
+        lr: peak Adam learning rate (cosine decay towards 0).
+        batch_size: calibration sequences per step.
+        decay: ``learn``: SR-STE decay on the pruned entries (added to their gradient, times the weight).
+        flow: ``learn``: gradient factor reaching the pruned entries at the first step, decaying linearly to 0.
+        hidden_weight: ``e2e``: weight of the per-layer hidden-state MSE next to the logit KL (0 = KL only).
+        temperature: ``e2e``: softmax temperature of the logit KL.
+        eval_batches: the losses reported before/after each block part are measured on the first this many
+            calibration batches (0: all; each measurement is a forward pass over them).
+    """
+
+    MODES: ClassVar[tuple[str, ...]] = ("block", "e2e")
+    SCOPES: ClassVar[tuple[str, ...]] = ("separate", "whole")
+    MASKS: ClassVar[tuple[str, ...]] = ("fixed", "learn")
+
+    mode: str = "block"
+    scope: str = "separate"
+    mask: str = "fixed"
+    steps: int = 128
+    lr: float = 2e-4
+    batch_size: int = 1
+    decay: float = 2e-4
+    flow: float = 1.0
+    hidden_weight: float = 0.0
+    temperature: float = 1.0
+    eval_batches: int = 2
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("mode", self.MODES), ("scope", self.SCOPES), ("mask", self.MASKS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"recover.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        check_int("recover.steps", self.steps)
+        check_float("recover.lr", self.lr, 1e-10, 1.0)
+        check_int("recover.batch_size", self.batch_size)
+        check_float("recover.decay", self.decay, 0.0, 1.0)
+        check_float("recover.flow", self.flow, 0.0, 1.0)
+        check_float("recover.hidden_weight", self.hidden_weight, 0.0, 1e6)
+        check_float("recover.temperature", self.temperature, 1e-3, 1e3)
+        check_int("recover.eval_batches", self.eval_batches, minimum=0)
+        if self.mode == "e2e" and self.mask == "learn":
+            raise ConfigError("recover.mask: learn is only available with mode block (e2e keeps the mask fixed)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class Recipe:
-    """A full compression recipe: ordered prune stages + calibration + save + runtime."""
+    """A full compression recipe: ordered prune stages + calibration + save + runtime (+ recovery)."""
 
     stages: list[PruneConfig] = field(default_factory=list)
     calibration: CalibConfig = field(default_factory=CalibConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    recover: RecoveryConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "prune": [{"method": s.method, **s.to_dict()} for s in self.stages],
             "calibration": self.calibration.to_dict(),
             "save": self.save.to_dict(),
             "runtime": self.runtime.to_dict(),
         }
+        if self.recover is not None:  # absent when off, so recipes without recovery read as before
+            out["recover"] = self.recover.to_dict()
+        return out

@@ -20,11 +20,12 @@ from typing import Any
 
 import yaml
 
-from llmprune.config import CalibConfig, Recipe, RuntimeConfig, SaveConfig, build
+from llmprune.config import CalibConfig, Recipe, RecoveryConfig, RuntimeConfig, SaveConfig, build
 from llmprune.errors import ConfigError
 from llmprune.prune.registry import get_method
+from llmprune.recipe_files import available_recipes, find_recipe
 
-_TOP_KEYS = ("prune", "calibration", "save", "runtime")
+_TOP_KEYS = ("prune", "calibration", "save", "runtime", "recover")
 
 
 def stage_from_dict(data: Any, where: str):
@@ -74,18 +75,23 @@ def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
             calibration=build(CalibConfig, data.get("calibration"), "calibration"),
             save=build(SaveConfig, data.get("save"), "save"),
             runtime=build(RuntimeConfig, data.get("runtime"), "runtime"),
+            recover=build(RecoveryConfig, data["recover"], "recover") if data.get("recover") is not None else None,
         )
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
+    """Read and validate a YAML recipe file, or a shipped recipe by name (``wanda-2of4``: ``llmprune recipes``)."""
+    given = path
     path = Path(path).expanduser()
+    if not path.exists() and find_recipe(given) is not None:  # a file of that name would win
+        path = find_recipe(given)
     if path.is_dir():
         raise ConfigError(f"recipe {path} is a directory, not a YAML file")
     if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
+        names = ", ".join(available_recipes())
+        raise ConfigError(f"recipe file not found: {path} (shipped recipes, usable by name: {names})")
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -116,12 +117,26 @@ def token_windows(
 
 
 @torch.no_grad()
-def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int = 32) -> torch.Tensor:
+def sample_from_model(
+    model, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int = 32, progress: bool = True
+) -> torch.Tensor:
     """Data-free calibration: ``nsamples`` sequences sampled from the model itself.
+
+    ``progress``: a bar over the sampled tokens (minutes for a big model on CPU: not silent).
 
     Returns:
         ``[nsamples, seqlen]`` int64 token ids (BOS first when the tokenizer has one).
     """
+    from tqdm.auto import tqdm
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Tick(StoppingCriteria):  # called once per generated token: advances the bar, never stops
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            bar.update(input_ids.shape[0])
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    bar = tqdm(total=nsamples * (seqlen - 1), desc="calibration: sampling from the model", unit="tok",
+               unit_scale=True, disable=not progress)
     device = next(model.parameters()).device
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     gen = torch.Generator().manual_seed(seed)
@@ -140,8 +155,10 @@ def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, b
             max_new_tokens=seqlen - 1,
             min_new_tokens=seqlen - 1,
             pad_token_id=tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([_Tick()]),
         )
         out.append(seq[:, :seqlen].cpu())
+    bar.close()
     return torch.cat(out)
 
 
@@ -160,20 +177,48 @@ def clip_seqlen(cfg: CalibConfig, model_config) -> CalibConfig:
     return CalibConfig(**{**cfg.to_dict(), "seqlen": max_ctx})
 
 
-def load_calibration(cfg: CalibConfig, tokenizer, model=None) -> torch.Tensor:
-    """Calibration token ids for ``cfg``.
+def load_calibration(cfg: CalibConfig, tokenizer, model=None, *, progress: bool = True) -> torch.Tensor:
+    """Calibration token ids for ``cfg`` (:func:`load_calibration_resolved` without the resolved config)."""
+    return load_calibration_resolved(cfg, tokenizer, model, progress=progress)[0]
+
+
+def load_calibration_resolved(
+    cfg: CalibConfig, tokenizer, model=None, *, progress: bool = True
+) -> tuple[torch.Tensor, CalibConfig]:
+    """Calibration token ids for ``cfg``, and ``cfg`` with the source they came from (``auto`` resolved to
+    ``c4`` or ``self``), which is what a checkpoint records.
 
     Args:
         cfg: calibration config (``seqlen`` already clipped to the model's context).
         tokenizer: the model's tokenizer.
         model: needed only for ``source="self"`` (or ``auto`` offline).
+        progress: a progress bar while sampling from the model (``self``).
 
     Returns:
-        ``[cfg.nsamples, cfg.seqlen]`` int64 token ids.
+        ``([cfg.nsamples, cfg.seqlen]`` int64 token ids, the config with the resolved source).
 
     Raises:
         LlmpruneError: unreadable/empty files, unknown datasets.
     """
+    source = cfg.source
+    if source != "auto":
+        return _load(cfg, tokenizer, model, progress), cfg
+    if not hub_offline():
+        try:
+            texts = _load_hub_texts(CalibConfig(source="c4"))
+            log.info("calibration: C4 validation shard 0 from the Hub")
+            ids = token_windows(texts, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, "c4")
+            return ids, replace(cfg, source="c4")
+        except Exception as exc:  # offline or Hub error: fall back to data-free calibration
+            log.warning("C4 is unreachable (%s); calibrating on text sampled from the model", type(exc).__name__)
+    else:
+        log.warning("Hub offline; calibrating on text sampled from the model")
+    resolved = replace(cfg, source="self")
+    return _load(resolved, tokenizer, model, progress), resolved
+
+
+def _load(cfg: CalibConfig, tokenizer, model, progress: bool = True) -> torch.Tensor:
+    """Token ids of a source other than ``auto``."""
     source = cfg.source
     path = Path(os.path.expanduser(source))
     if path.suffix.lower() in _FILE_FORMATS or path.exists():
@@ -184,22 +229,11 @@ def load_calibration(cfg: CalibConfig, tokenizer, model=None) -> torch.Tensor:
             raise LlmpruneError(f"calibration file {source} contains no text")
         log.info("calibration: %d documents from %s", len(texts), path)
         return token_windows(texts, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, source)
-    if source == "auto":
-        if not hub_offline():
-            try:
-                texts = _load_hub_texts(CalibConfig(source="c4"))
-                log.info("calibration: C4 validation shard 0 from the Hub")
-                return token_windows(texts, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, "c4")
-            except Exception as exc:  # offline or Hub error: fall back to data-free calibration
-                log.warning("C4 is unreachable (%s); calibrating on text sampled from the model", type(exc).__name__)
-        else:
-            log.warning("Hub offline; calibrating on text sampled from the model")
-        source = "self"
     if source == "self":
         if model is None:
             raise LlmpruneError("calibration source 'self' needs the model")
         log.info("calibration: sampling %d x %d tokens from the model", cfg.nsamples, cfg.seqlen)
-        return sample_from_model(model, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+        return sample_from_model(model, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, progress=progress)
     if hub_offline():
         raise LlmpruneError(f"calibration dataset {source!r} needs the Hub, which is offline (HF_HUB_OFFLINE)")
     try:

@@ -150,6 +150,19 @@ def make_reduce(ctx: DistContext) -> Callable[[Accumulators], None] | None:
     return lambda stats: allreduce_stats(stats, ctx)
 
 
+def make_all_reduce(ctx: DistContext) -> Callable[[list[torch.Tensor]], None] | None:
+    """``all_reduce(tensors)``: sum each tensor in place over all ranks (gradients of block recovery,
+    :mod:`llmprune.recover.block`); None for one process."""
+    if not ctx.enabled:
+        return None
+
+    def all_reduce(tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            torch.distributed.all_reduce(t)
+
+    return all_reduce
+
+
 @dataclass(frozen=True)
 class Reduction:
     """How the statistics of one layer from this process's batches become the layer's statistics.

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 
 from llmprune.commands.common import add_model_arguments, check_output_dir
-from llmprune.config import CalibConfig
 from llmprune.errors import ConfigError
-from llmprune.runtime.kvcache.calibrate import calibrate_kv
 
 NAME = "calibrate-kv"
 HELP = ("entropy-guided (UNComp-style) KV-cache budgets per layer and KV head, same mean bytes as uniform; "
@@ -37,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmprune.config import CalibConfig
+    from llmprune.runtime.kvcache.calibrate import calibrate_kv
+
     if args.kv_sparsity is None and (args.k_sparsity is None or args.v_sparsity is None):
         raise ConfigError("calibrate-kv needs --kv-sparsity (or both --k-sparsity and --v-sparsity)")
     cal = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,

@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from llmprune.api import compress
 from llmprune.commands.common import add_model_arguments
-from llmprune.config import CalibConfig, Recipe, SaveConfig, build
+from llmprune.commands.jsonout import add_json_argument, emit_json, json_target, text_stream
 from llmprune.errors import ConfigError, LlmpruneError
-from llmprune.prune.registry import available_methods, get_method, method_for_config
-from llmprune.publish.hub import check_push, check_repo_id, push
-from llmprune.recipe import load_recipe
+
+if TYPE_CHECKING:  # heavy modules (torch, transformers) are imported when a command runs: `--help` answers at once
+    from llmprune.config import Recipe
 
 NAME = "compress"
 HELP = "prune a Hugging Face causal LM and save the checkpoint"
-_STAGE_FLAGS = ("prune_heads", "recover_steps", "min_ratio", "max_ratio", "round_to")  # method options (cfsp)
+#: method-config fields whose flag compress defines itself (--recover-steps: also --recover's steps)
+_SHARED_METHOD_FLAGS = ("recover_steps",)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from llmprune.commands.method_flags import add_method_arguments
+    from llmprune.prune.registry import available_methods, get_method
+
     add_model_arguments(p, positional_help="HF id, local directory or alias (default: smollm2-135m, offline)")
     p.add_argument("--method", default=None, help=f"{', '.join(available_methods())} (default: wanda)")
     p.add_argument("--sparsity", default=None, help="N:M such as 2:4 / 4:8, or a ratio such as 0.5 (default 2:4)")
@@ -38,11 +41,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward (default 8)")
     p.add_argument("--ignore", nargs="+", default=None, metavar="PATTERN", help="module-name patterns left dense")
     p.add_argument("--format", default=None, help="checkpoint format: dense (default) or packed (2:4 values + metadata)")
-    p.add_argument("--prune-heads", action="store_true", default=None, help="cfsp: also remove attention head groups")
-    p.add_argument("--recover-steps", type=int, default=None, help="cfsp: LoRA recovery steps after pruning (default 0)")
-    p.add_argument("--min-ratio", type=float, default=None, help="cfsp: lowest per-layer pruning ratio (default 0)")
-    p.add_argument("--max-ratio", type=float, default=None, help="cfsp: highest per-layer pruning ratio (default 0.8)")
-    p.add_argument("--round-to", type=int, default=None, help="cfsp: kept FFN sizes are multiples of this (default 8)")
+    p.add_argument("--act-sparsity", type=float, default=None,
+                   help="also calibrate TEAL activation-sparsity thresholds on the pruned model (llmprune "
+                        "calibrate-act) for this level and record them (default: the recipe's runtime.act_sparsity)")
+    p.add_argument("--act-allocation", default="uniform", choices=("uniform", "greedy"),
+                   help="with --act-sparsity: uniform (default) or greedy (TEAL block-wise) allocation")
+    p.add_argument("--recover-steps", type=int, default=None,
+                   help="with --recover: Adam steps per block part / in total (default 128); cfsp: LoRA recovery steps")
+    p.add_argument("--recover", default=None, choices=("block", "e2e", "none"),
+                   help="recovery that keeps the sparsity pattern: block (reconstruct each pruned decoder block against "
+                        "the dense one) or e2e (distil the whole model from the dense one); none drops a recipe's")
+    p.add_argument("--recover-scope", default=None, choices=("separate", "whole"),
+                   help="--recover block: attention then MLP (separate, default) or the whole block at once")
+    p.add_argument("--recover-mask", default=None, choices=("fixed", "learn"),
+                   help="--recover block: keep the mask (fixed, default) or learn the N:M mask (SR-STE)")
+    p.add_argument("--recover-lr", type=float, default=None, help="--recover: peak Adam learning rate (default 2e-4)")
+    p.add_argument("--recover-batch-size", type=int, default=None, help="--recover: sequences per step (default 1)")
     p.add_argument("--output", "-o", default=None, help="output directory (default ./<model>-<method>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the checkpoint (with a model card) to this Hub repo")
@@ -56,19 +70,75 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-dir", default=None, metavar="DIR", help="where activations spilled to disk go")
     p.add_argument("--dist-reduce", default="exact", choices=("exact", "sum"),
                    help="torchrun runs: exact (bit-identical to one process, default) or sum (one all-reduce)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show the resolved model, calibration source, recipe, output, engine and a memory/time "
+                        "estimate, then stop (nothing is pruned or written)")
+    add_json_argument(p, "the run's result (with --dry-run: the plan)")
     p.add_argument("--record-paths", default="relative", choices=("relative", "absolute"),
                    help="how llmprune.json records local paths (base model, calibration file, command): relative "
                         "to the output directory (default; no user name or directory layout) or absolute")
+    # last: every method-config field not spelled above gets its flag (--prune-heads, --blocksize, --allocation ...)
+    add_method_arguments(p, {name: get_method(name).config_cls for name in available_methods()},
+                         shared=_SHARED_METHOD_FLAGS)
+
+
+def format_plan(plan: dict) -> str:
+    """The ``--dry-run`` plan as text."""
+    lines = [f"model        {plan['model'] or 'smollm2-135m'} -> {plan['resolved_model']}",
+             f"output       {plan['output']}", f"engine       {plan['engine']} on {plan['device']}, dtype {plan['dtype']}",
+             f"format       {plan['format']}"]
+    for st in plan["recipe"]["prune"]:
+        lines.append(f"stage        {st['method']} {st['sparsity']}")
+    if plan["calibration_source"]:
+        cal = plan["recipe"]["calibration"]
+        seqlen = (plan.get("estimate") or {}).get("calibration_seqlen") or cal["seqlen"]  # clipped to the model
+        lines.append(f"calibration  {plan['calibration_source']}, {cal['nsamples']} x {seqlen} tokens")
+    est = plan.get("estimate")
+    if est:
+        gib = 2**30
+        lines.append(f"memory       ~{est['peak_memory_bytes'] / gib:.2f} GiB peak (weights {est['weights_bytes'] / gib:.2f}, "
+                     f"activations {est['activation_bytes'] / gib:.2f}, statistics {est['statistics_bytes'] / gib:.2f})")
+        if est["time_lower_bound_s"] is not None:
+            lines.append(f"time         >= {est['time_lower_bound_s']:.0f} s ({est['forward_flops'] / 1e12:.2f} TFLOP at "
+                         f"{est['measured_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s measured matmul; a lower bound)")
+    lines.append("dry run: nothing was pruned or written")
+    return "\n".join(lines)
 
 
 def _stage_flags(args: argparse.Namespace, method=None) -> dict:
-    """Method options given as flags (``--prune-heads`` ...), checked against ``method``'s config."""
-    flags = {k: getattr(args, k, None) for k in _STAGE_FLAGS if getattr(args, k, None) is not None}
-    names = {f.name for f in dataclasses.fields(method.config_cls)} if method is not None else set(flags)
-    for key in flags:
-        if key not in names:
-            raise ConfigError(f"--{key.replace('_', '-')} does not apply to method {method.name!r} (only to cfsp)")
-    return flags
+    """Method options given as flags (``--prune-heads``, ``--blocksize`` ...: generated from the method configs,
+    :mod:`llmprune.commands.method_flags`), checked against ``method``'s config (None: all given, unchecked)."""
+    from llmprune.commands.method_flags import given, method_options
+
+    if method is None:
+        return {flag.field: value for flag, value in given(args)}
+    return method_options(args, method)
+
+
+_RECOVER_FLAGS = {"recover_scope": "scope", "recover_mask": "mask", "recover_lr": "lr",
+                  "recover_batch_size": "batch_size"}
+
+
+def _recovery_from_args(args: argparse.Namespace, current):
+    """The recipe's ``recover`` section with ``--recover*`` flags on top (None: no recovery).
+
+    With recovery on, ``--recover-steps`` sets its steps (and is taken out of the cfsp method flags).
+    """
+    from llmprune.config import RecoveryConfig, build
+
+    mode = getattr(args, "recover", None)
+    given = {key: getattr(args, flag) for flag, key in _RECOVER_FLAGS.items() if getattr(args, flag, None) is not None}
+    if mode == "none" or (mode is None and current is None):
+        if given:
+            raise ConfigError(f"--{next(iter(k for k in _RECOVER_FLAGS if getattr(args, k, None) is not None)).replace('_', '-')} "
+                              "needs --recover block|e2e (or a recipe's recover: section)")
+        return None
+    fields = {**(current.to_dict() if current is not None else {}), **given}
+    if mode is not None:
+        fields["mode"] = mode
+    if getattr(args, "recover_steps", None) is not None:
+        fields["steps"], args.recover_steps = args.recover_steps, None
+    return build(RecoveryConfig, fields, "recover")
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
@@ -77,7 +147,12 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     ``--method``/``--sparsity``/``--ignore`` replace the recipe's single prune
     stage; switching method keeps only the fields every method shares.
     """
+    from llmprune.config import CalibConfig, Recipe, SaveConfig, build
+    from llmprune.prune.registry import get_method, method_for_config
+    from llmprune.recipe import load_recipe
+
     recipe = load_recipe(args.recipe) if args.recipe else Recipe()
+    recipe.recover = _recovery_from_args(args, recipe.recover)  # first: it may take --recover-steps
     if args.method is not None or args.sparsity is not None or args.ignore is not None or not recipe.stages:
         if len(recipe.stages) > 1:
             raise ConfigError("--method/--sparsity/--ignore cannot override a multi-stage recipe; edit the recipe")
@@ -94,7 +169,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         recipe.stages = [build(method.config_cls, fields, f"method {method.name}")]
     if _stage_flags(args):
         if len(recipe.stages) != 1:
-            raise ConfigError("--prune-heads/--recover-steps/--min-ratio/--max-ratio/--round-to need a single-stage recipe")
+            raise ConfigError("method flags (--prune-heads, --blocksize ...) need a single-stage recipe")
         method = method_for_config(recipe.stages[0])
         fields = {**recipe.stages[0].to_dict(), **_stage_flags(args, method)}
         recipe.stages = [build(method.config_cls, fields, f"method {method.name}")]
@@ -114,22 +189,40 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
             cal[key] = value
     recipe.calibration = CalibConfig(**cal)
     if args.format is not None:
-        recipe.save = SaveConfig(format=args.format)
+        recipe.save = SaveConfig(**{**recipe.save.to_dict(), "format": args.format})  # keeps save.dtype
     return recipe
 
 
 def default_output(model: str | None, recipe: Recipe) -> Path:
+    from llmprune.prune.registry import method_for_config
+
     base = Path(str(model or "smollm2-135m").rstrip("/")).name
     parts = [f"{method_for_config(s).name}-{str(s.sparsity).replace(':', 'of')}" for s in recipe.stages]
     return Path(re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join([base, *parts])))
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmprune.api import compress
+    from llmprune.publish.hub import check_push, check_repo_id, push
+
     recipe = recipe_from_args(args)
+    act = args.act_sparsity if args.act_sparsity is not None else recipe.runtime.act_sparsity
+    if act is not None and recipe.runtime.act_thresholds is None and not 0 < act < 1:  # before any work
+        raise ConfigError(f"--act-sparsity must be in (0, 1), got {act!r}")
     if args.push_to_hub:
         # Before any work: repo id, token, Hub reachable (rank 0 uploads; one whoami call, not one per rank).
         (check_push if int(os.environ.get("RANK", "0")) == 0 else check_repo_id)(args.push_to_hub)
     output = Path(args.output) if args.output else default_output(args.model, recipe)
+    target = json_target(args)
+    if args.dry_run:
+        from llmprune.engine.dryrun import plan_compress
+
+        plan = plan_compress(args.model, recipe, output, device=args.device, dtype=args.dtype,
+                             overwrite=args.overwrite, low_memory=args.low_memory, resume=args.resume,
+                             trust_remote_code=args.trust_remote_code)
+        print(format_plan(plan), file=text_stream(args))
+        emit_json(target, plan)
+        return 0
     result = compress(
         args.model,
         recipe,
@@ -150,8 +243,17 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports (and wrote the checkpoint)
         return 0
     size = sum(f.stat().st_size for f in result.output.rglob("*") if f.is_file())
-    print(result.report.table())
-    print(f"saved {result.metadata.get('format', recipe.save.format)} checkpoint to {result.output} ({size / 2**20:.1f} MiB)")
+    out = text_stream(args)
+    print(result.report.table(), file=out)
+    print(f"saved {result.metadata.get('format', recipe.save.format)} checkpoint to {result.output} ({size / 2**20:.1f} MiB)",
+          file=out)
+    if act is not None and recipe.runtime.act_thresholds is None:  # thresholds of the pruned model, recorded
+        from llmprune.runtime.actsparse.calibrate import calibrate_act
+
+        res = calibrate_act(str(result.output), act, allocation=args.act_allocation, calibration=recipe.calibration,
+                            device=args.device, progress=not args.quiet, trust_remote_code=args.trust_remote_code)
+        print(f"activation thresholds ({res.thresholds.allocation}, {act:.0%}) written to {res.path}", file=out)
+    emit_json(target, {"output": str(result.output), "bytes": size, "metadata": result.metadata})
     if args.push_to_hub:
         try:
             print(f"pushed to {push(result.output, args.push_to_hub, private=args.private)}")

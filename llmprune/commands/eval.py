@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from llmprune.commands.common import (
     add_model_arguments,
-    check_output_file,
     recording_dir,
-    write_output_file,
 )
-from llmprune.config import RuntimeConfig
+from llmprune.commands.jsonout import STDOUT, add_json_argument, emit_json, json_target, text_stream
 from llmprune.errors import ConfigError
-from llmprune.evaluate.lm_eval import evaluate, format_table, lm_eval_entries
 from llmprune.evaluate.results import is_checkpoint_dir, record_results
 from llmprune.evaluate.task_files import DATA_ENV, OFFLINE_TASKS, resolve_data_dir, write_task_dir
 from llmprune.formats.checkpoint import read_metadata
-from llmprune.formats.metadata import resolve_base_model
-from llmprune.model.device import resolve_device
-from llmprune.model.loading import load_tokenizer
-from llmprune.runtime.load import load_model
-from llmprune.runtime.options import add_runtime_arguments, resolve_runtime, runtime_from_args, runtime_setup
 
 NAME = "eval"
 HELP = "lm-eval harness (arc_easy, hellaswag, piqa, ...) on the model as llmprune loads it"
@@ -36,6 +27,9 @@ def _limit(text: str) -> int | float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from llmprune.commands.eval_longctx import add_longctx_arguments
+    from llmprune.runtime.options import add_runtime_arguments  # heavy: only for this command's parser
+
     add_model_arguments(p, positional_help="checkpoint directory, HF id or alias (default: smollm2-135m)")
     p.add_argument("--tasks", default=None, help=f"comma-separated lm-eval task names (offline copies: {','.join(OFFLINE_TASKS)})")
     p.add_argument("--limit", type=_limit, default=None, help="examples per task (int) or fraction (<1); default all")
@@ -44,10 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help=f"offline jsonl copies (<task>.jsonl); default ${DATA_ENV}; unset = lm-eval's Hub tasks")
     p.add_argument("--include-path", action="append", default=None, metavar="DIR", help="extra lm-eval task YAML directory (repeatable); overrides shipped tasks")
     p.add_argument("--write-tasks", default=None, metavar="DIR", help="only write the offline task YAMLs for --data-dir into DIR (for `lm_eval --include_path DIR`) and exit")
-    p.add_argument("--output", "--json", dest="output", default=None, help="also write lm-eval's full results JSON here")
+    add_json_argument(p, "lm-eval's full results", "--output")  # --output FILE: the older spelling
     p.add_argument("--baseline", nargs="?", const="auto", default=None, metavar="BASE", help="also evaluate the dense baseline (default: the checkpoint's base_model) and store it for the model card; give it after MODEL")
+    p.add_argument("--baseline-dtype", default=None, metavar="DTYPE",
+                   help="dtype of the baseline run (default: the dtype the model runs in)")
     p.add_argument("--no-record", action="store_true", help="do not merge results into DIR/eval_results.json")
     p.add_argument("--seed", type=int, default=1234, help="lm-eval random seed (default 1234)")
+    add_longctx_arguments(p)
     add_runtime_arguments(p)
 
 
@@ -65,6 +62,8 @@ def _batch_size(text: str) -> int | str:
 
 def baseline_ref(model: str | None, baseline: str) -> str:
     """``--baseline`` value -> a model reference (``auto``: the checkpoint's recorded base model)."""
+    from llmprune.formats.metadata import resolve_base_model
+
     if baseline != "auto":
         return baseline
     meta = read_metadata(model) if is_checkpoint_dir(model) else None
@@ -87,6 +86,16 @@ def write_tasks(data_dir: str | None, out_dir: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmprune.commands.eval_longctx import longctx_requested, run_longctx
+    from llmprune.config import RuntimeConfig
+    from llmprune.evaluate.lm_eval import evaluate, format_table, lm_eval_entries
+    from llmprune.model.device import resolve_device
+    from llmprune.model.loading import load_tokenizer
+    from llmprune.runtime.load import load_model
+    from llmprune.runtime.options import resolve_runtime, runtime_from_args, runtime_setup
+
+    if longctx_requested(args):  # niah_single, ...: generated answers (commands/eval_longctx.py)
+        return run_longctx(args, baseline_ref(args.model, args.baseline) if args.baseline else None)
     if args.write_tasks:
         return write_tasks(args.data_dir, args.write_tasks)
     if not args.tasks:
@@ -94,35 +103,49 @@ def run(args: argparse.Namespace) -> int:
     batch_size = _batch_size(args.batch_size)
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ConfigError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
-    output = check_output_file(args.output, "--output")
+    output = json_target(args)
+    out = text_stream(args)
     runtime = resolve_runtime(args.model, runtime_from_args(args))
     device = resolve_device(args.device)
     base = baseline_ref(args.model, args.baseline) if args.baseline else None
     runs = [(args.model, False)] + ([(base, True)] if base else [])
     record = is_checkpoint_dir(args.model) and not args.no_record and recording_dir(args.model)
     full = {}
+    model_dtype = None
     for ref, is_base in runs:
         tokenizer = load_tokenizer(ref, args.trust_remote_code)
-        model = load_model(ref, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code,
+        # the baseline runs in the model's dtype unless --baseline-dtype: the comparison is pruning, not dtype
+        dtype = (args.baseline_dtype or model_dtype or args.dtype) if is_base else args.dtype
+        model = load_model(ref, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
                            runtime=RuntimeConfig() if is_base else runtime)
+        run_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        model_dtype = model_dtype or run_dtype
         setup = runtime_setup(model)
         label = "baseline " + str(ref) if is_base else str(ref or "smollm2-135m")
-        print(f"# {label}: {', '.join(setup.features) or 'dense'} on {device}")
+        print(f"# {label}: {', '.join(setup.features) or 'dense'} on {device}, {run_dtype}", file=out)
+        if not is_base and (runtime.kv_sparsity or runtime.kv_k_sparsity or runtime.kv_v_sparsity):
+            print("# note: the KV cache sparsity only changes decoding with a cache; lm-eval's loglikelihood tasks "
+                  "run one forward pass per request without one, so their scores are unaffected by it", file=out)
+        if not is_base and (runtime.act_sparsity is not None or runtime.act_thresholds is not None) \
+                and not runtime.act_prefill:
+            print("# note: activation sparsity applies to decode steps; lm-eval's loglikelihood requests are "
+                  "multi-token forwards, so they run dense unless --act-prefill yes", file=out)
         results = evaluate(
             model, tokenizer, args.tasks, limit=args.limit, batch_size=batch_size, num_fewshot=args.num_fewshot,
             data_dir=args.data_dir, include_path=args.include_path, seed=args.seed,
         )
-        results.setdefault("llmprune", {}).update(model=str(ref), features=setup.features, runtime=setup.options)
-        print(format_table(results))
+        results.setdefault("llmprune", {}).update(model=str(ref), features=setup.features, runtime=setup.options,
+                                                  dtype=run_dtype)
+        print(format_table(results), file=out)
         full["baseline" if is_base else "model"] = results
         if record:
             entries = lm_eval_entries(results, model=str(ref), runtime=setup.options if not is_base else None)
             path = record_results(args.model, "lm_eval", entries, baseline=is_base)
         del model
     if record:
-        print(f"results recorded in {path}")
+        print(f"results recorded in {path}", file=out)
     if output is not None:
-        payload = full["model"] if not base else full
-        write_output_file(output, json.dumps(payload, indent=2, default=str) + "\n")
-        print(f"lm-eval results written to {args.output}")
+        emit_json(output, full["model"] if not base else full)
+        if output != STDOUT:
+            print(f"lm-eval results written to {args.json}", file=out)
     return 0

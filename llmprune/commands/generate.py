@@ -6,21 +6,16 @@ import argparse
 import sys
 import time
 
-import torch
-
 from llmprune.commands.common import add_model_arguments
 from llmprune.errors import ConfigError
-from llmprune.model.access import cache_argument
-from llmprune.model.device import resolve_device
-from llmprune.model.loading import load_tokenizer
-from llmprune.runtime.load import load_model
-from llmprune.runtime.options import add_runtime_arguments, resolve_runtime, runtime_from_args, runtime_setup
 
 NAME = "generate"
 HELP = "generate text (greedy by default), optionally with the pruned bitmap KV cache (--kv-sparsity)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from llmprune.runtime.options import add_runtime_arguments  # heavy: only for this command's parser
+
     add_model_arguments(p, positional_help="checkpoint directory, HF id or alias (default: smollm2-135m)")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat the flag for a batch of prompts")
@@ -28,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", action="store_true", help="sample (temperature 1, top-p 0.95) instead of greedy")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--act-correction", type=int, default=None, metavar="K",
+                   help="with activation sparsity (greedy): the dense model verifies every K sparse tokens in one "
+                        "forward and corrects them and their KV entries (Sirius-style); reports the mean accepted "
+                        "length")
     add_runtime_arguments(p)
 
 
@@ -46,7 +45,39 @@ def _prompts(args: argparse.Namespace, tokenizer) -> list[str]:
         raise ConfigError(f"--chat: the tokenizer's chat template failed ({type(exc).__name__}: {msg[:300]})") from None
 
 
+def _run_corrected(args: argparse.Namespace, model, tokenizer, prompts: list[str], device) -> int:
+    """``--act-correction K``: each prompt decoded on its own (batch 1) with dense verification every K tokens."""
+    from llmprune.runtime.actsparse.correction import generate_with_correction
+
+    if args.sample:
+        raise ConfigError("--act-correction verifies greedy tokens: it cannot be combined with --sample")
+    t0, n_new, accepted = time.perf_counter(), 0, []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        res = generate_with_correction(model, ids, args.max_new_tokens, args.act_correction, tokenizer.eos_token_id)
+        if len(prompts) > 1:
+            print(f"--- [{i}]")
+        text = tokenizer.decode(res.tokens, skip_special_tokens=True)
+        print(prompt + text if not args.chat else text)
+        n_new += res.tokens.numel()
+        accepted += res.accepted
+    seconds = time.perf_counter() - t0
+    mean = sum(accepted) / max(1, len(accepted))
+    print(f"{n_new} new tokens in {seconds:.2f}s ({n_new / max(seconds, 1e-9):.1f} tok/s); act correction every "
+          f"{args.act_correction} tokens: {len(accepted)} dense verifications, mean accepted length {mean:.2f} of "
+          f"{args.act_correction}", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from llmprune.model.access import cache_argument
+    from llmprune.model.device import resolve_device
+    from llmprune.model.loading import load_tokenizer
+    from llmprune.runtime.load import load_model
+    from llmprune.runtime.options import resolve_runtime, runtime_from_args, runtime_setup
+
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     runtime = resolve_runtime(args.model, runtime_from_args(args))
@@ -63,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
     if empty:
         raise ConfigError(f"--prompt {args.prompt[empty[0]]!r}: no tokens to start from (give some text)")
     cache = runtime_setup(model).cache(len(prompts))
+    if args.act_correction is not None:
+        if cache is not None:
+            raise ConfigError("--act-correction needs the dense KV cache (it crops and rewrites the corrected span)")
+        return _run_corrected(args, model, tokenizer, prompts, device)
     torch.manual_seed(args.seed)
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tokenizer.pad_token_id)
     if args.sample:

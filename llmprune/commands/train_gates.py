@@ -8,17 +8,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from llmprune.calibration.data import load_calibration
 from llmprune.commands.common import add_model_arguments, check_output_dir
-from llmprune.config import CalibConfig, RuntimeConfig
+from llmprune.commands.jsonout import add_json_argument, emit_json, json_target, text_stream
 from llmprune.errors import ConfigError
 from llmprune.formats.gates_meta import GATES_FILE
-from llmprune.model.device import resolve_device
-from llmprune.model.loading import DEFAULT_MODEL, load_tokenizer
-from llmprune.runtime.gates.files import save_gates
-from llmprune.runtime.gates.gate import GateConfig
-from llmprune.runtime.gates.training import train_gates
-from llmprune.runtime.load import load_model
 
 NAME = "train-gates"
 HELP = "train learned sparse-attention gates (base model frozen) and save them beside the checkpoint"
@@ -41,9 +34,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory for attn_gates.safetensors/.json (default: the model directory if local, "
                         "else ./<model>-gates); a gates-only directory loads with llmprune.load like a checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace existing gates in the output directory")
+    add_json_argument(p, "the training report")
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmprune.calibration.data import load_calibration_resolved
+    from llmprune.config import CalibConfig, RuntimeConfig
+    from llmprune.model.device import resolve_device
+    from llmprune.model.loading import DEFAULT_MODEL, load_tokenizer
+    from llmprune.runtime.gates.files import save_gates
+    from llmprune.runtime.gates.gate import GateConfig
+    from llmprune.runtime.gates.training import train_gates
+    from llmprune.runtime.load import load_model
+
     if args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
     RuntimeConfig(attn_sparsity=args.attn_sparsity)  # validated as at run time: the default the gates load with
@@ -67,13 +70,15 @@ def run(args: argparse.Namespace) -> int:
     if (output / GATES_FILE).exists() and not args.overwrite:
         raise ConfigError(f"{output / GATES_FILE} already exists (pass --overwrite to replace it)")
     check_output_dir(output, "cannot write the gates to")  # before training, not after
+    target = json_target(args)
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(ref, args.trust_remote_code)
     model = load_model(ref, dtype=args.dtype, trust_remote_code=args.trust_remote_code, gates=False)
     cfg = GateConfig.for_model(model, block_size=args.block_size, gate_dim=args.gate_dim)
     max_ctx = getattr(model.config, "max_position_embeddings", None) or args.seqlen
     calib_cfg = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=min(args.seqlen, max_ctx), seed=args.seed)
-    calib = load_calibration(calib_cfg, tokenizer, model)
+    calib, calib_cfg = load_calibration_resolved(calib_cfg, tokenizer, model,  # records auto -> c4 / self
+                                                 progress=not args.quiet)
     gates, report = train_gates(
         model, calib, cfg, steps=args.steps, lr=args.lr, device=device, batch_size=args.batch_size,
         progress=not args.quiet, seed=args.seed,
@@ -91,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
         "command": "llmprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
     save_gates(gates, output, extra)
+    out = text_stream(args)
     if not args.quiet:
-        print(report.table())
-    print(f"gates for {len(gates)} layers -> {output} (mean KL {report.mean_kl:.4f}, {report.seconds:.1f}s)")
+        print(report.table(), file=out)
+    print(f"gates for {len(gates)} layers -> {output} (mean KL {report.mean_kl:.4f}, {report.seconds:.1f}s)", file=out)
+    emit_json(target, {"output": str(output), "layers": len(gates), "mean_kl": report.mean_kl, **extra})
     return 0

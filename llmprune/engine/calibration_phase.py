@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from llmprune.calibration.capture import LayerInputs, capture_layer_inputs
-from llmprune.calibration.data import clip_seqlen, load_calibration
+from llmprune.calibration.data import clip_seqlen, load_calibration_resolved
 from llmprune.calibration.distributed import DistContext, broadcast_object, broadcast_tensor, owned_batches
 from llmprune.config import CalibConfig, Recipe
 from llmprune.engine.activations import HiddenStore, available_ram, batch_shapes, store_mode
+from llmprune.engine.layerwise import compute_dtype_for
 from llmprune.engine.options import StreamOptions, parse_size
 from llmprune.engine.plan import Plan, load_tensors, to_meta
 from llmprune.engine.resume import RunState
@@ -60,6 +61,7 @@ class CalibrationPhase:
     opts: StreamOptions
     trust_remote_code: bool
     method: Method
+    needs_calibration: bool  # the method's, or block recovery's
     src: SafetensorsSource
     model: torch.nn.Module
     plan: Plan
@@ -76,13 +78,17 @@ class CalibrationPhase:
         """``[nsamples, seqlen]`` calibration ids on every rank (rank 0 loads them; saved for ``--resume``)."""
         ctx, calib, error = self.ctx, None, None
         if resumed is not None:
-            if (resumed.calibration is not None) != self.method.needs_calibration:
+            if (resumed.calibration is not None) != self.needs_calibration:
                 raise LlmpruneError(f"{self.work.state} does not match the method {self.method.name!r} "
                                     f"(calibration {'recorded' if resumed.calibration else 'missing'}); "
                                     f"{self.work.hint()}")
             if resumed.calibration is not None:
                 # the source as the current command names it (the fingerprint says it is the same file)
-                self.calib_cfg = CalibConfig(**{**resumed.calibration, "source": self.recipe.calibration.source})
+                # (an ``auto`` source keeps what it resolved to, as recorded)
+                source = self.recipe.calibration.source
+                if source == "auto" and resumed.calibration.get("source") in ("c4", "self"):
+                    source = resumed.calibration["source"]
+                self.calib_cfg = CalibConfig(**{**resumed.calibration, "source": source})
             else:
                 self.calib_cfg = self.recipe.calibration
             if ctx.is_main and resumed.calibration is not None:
@@ -97,7 +103,7 @@ class CalibrationPhase:
                     error = str(exc)
         elif ctx.is_main:
             self.calib_cfg = self.recipe.calibration
-            if self.method.needs_calibration:
+            if self.needs_calibration:
                 t_cal = time.perf_counter()
                 calib = self._load_calibration()
                 log.info("calibration data: %s in %.1fs", tuple(calib.shape), time.perf_counter() - t_cal)
@@ -127,7 +133,8 @@ class CalibrationPhase:
                 kw["max_memory"] = {"cpu": parse_size(self.opts.max_memory)}
             model = AutoModelForCausalLM.from_pretrained(self.path, trust_remote_code=self.trust_remote_code, **kw)
             model.eval()
-        return load_calibration(self.calib_cfg, self.tokenizer, model)
+        calib, self.calib_cfg = load_calibration_resolved(self.calib_cfg, self.tokenizer, model)  # auto resolved
+        return calib
 
     def _first_inputs(self, calib: torch.Tensor, resumed: RunState | None, hidden_dir: Path, start: int) -> None:
         """This rank's batches and their inputs of layer ``start`` (captured at layer 0, or saved ones).
@@ -142,6 +149,10 @@ class CalibrationPhase:
         if resumed is None:
             keys = plan.other_keys + plan.layer_keys[0]
             load_tensors(model, keys, self.src, plan, device)
+            compute = compute_dtype_for(self.dtype, device)  # as the in-memory loop: fp32 on the CPU for 16-bit
+            emb = model.get_input_embeddings() if compute is not None else None
+            if emb is not None:
+                emb.to(compute)  # hidden states and rotary tables of layer 0 in the compute dtype
             args, kwargs = [], []
             store = None
             for g in self.mine:
@@ -161,6 +172,8 @@ class CalibrationPhase:
             if store is None:  # a rank without batches still takes part in the broadcast
                 mode = store_mode(broadcast_object(0, ctx, 0), device, parse_size(self.opts.max_memory))
                 store = HiddenStore(mode, device, hidden_dir)
+            if emb is not None:
+                emb.to(self.dtype)
             to_meta(model, keys)
             model.tie_weights()
             self.extra = LayerInputs([], args, kwargs)

@@ -47,7 +47,7 @@ from llmprune.prune.report import ModuleReport
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: module reports carry their block recovery
 STORE_MODES = ("device", "cpu", "disk")
 
 
@@ -160,8 +160,10 @@ def _report(r: Any) -> ModuleReport | None:
             and isinstance(shape, list) and len(shape) == 2 and all(_int(s) is not None and s > 0 for s in shape)
             and _number(r["sparsity"]) and 0 <= r["sparsity"] <= 1 and _number(r["seconds"]) and r["seconds"] >= 0):
         return None
+    if r["recovery"] is not None and not isinstance(r["recovery"], dict):
+        return None
     return ModuleReport(r["name"], r["layer"], (shape[0], shape[1]), float(r["sparsity"]), float(r["seconds"]),
-                        r["method"])
+                        r["method"], r["recovery"])
 
 
 def _portable_recipe(recipe: Recipe) -> dict:

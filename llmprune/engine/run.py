@@ -19,10 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.calibration.capture import LayerInputs, run_layer
-from llmprune.calibration.distributed import DistContext, make_reduction
+from llmprune.calibration.distributed import DistContext, make_all_reduce, make_reduction
 from llmprune.config import CalibConfig, Recipe
 from llmprune.engine.activations import HiddenStore, check_activation_memory
 from llmprune.engine.calibration_phase import CalibrationPhase
+from llmprune.engine.layerwise import compute_dtype_for
 from llmprune.engine.options import SimulatedInterruption, StreamOptions, parse_size
 from llmprune.engine.plan import (
     build_skeleton,
@@ -51,6 +52,7 @@ from llmprune.model.access import DEFAULT_IGNORE, decoder_layers, matches_any
 from llmprune.model.loading import ALIASES, load_tokenizer
 from llmprune.prune.registry import method_for_config
 from llmprune.prune.report import CompressResult, PruneReport
+from llmprune.recover.batches import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,9 @@ class StreamingRun(CalibrationPhase):
         self.trust_remote_code = trust_remote_code
         self.stage = recipe.stages[0]
         self.method = method_for_config(self.stage)
+        rec = recipe.recover
+        self.recover = rec if rec is not None and rec.mode == "block" else None  # block recovery per layer
+        self.needs_calibration = self.method.needs_calibration or self.recover is not None
         self.patterns = DEFAULT_IGNORE + tuple(self.stage.ignore)
         self.src = SafetensorsSource(path)
         self.model, _, self.dtype = build_skeleton(path, dtype, trust_remote_code)
@@ -94,7 +99,7 @@ class StreamingRun(CalibrationPhase):
         check_stages(self.model, [self.stage])  # --ignore patterns and N:M shapes, before any work
         self.work = WorkDir.of(output)
         self.shard_size = parse_size(options.max_shard_size)
-        if self.method.needs_calibration and not (options.resume and self.work.state.is_file()):
+        if self.needs_calibration and not (options.resume and self.work.state.is_file()):
             cal, hidden = recipe.calibration, hidden_size(self.plan.config)
             seqlen = min(cal.seqlen, getattr(self.plan.config, "max_position_embeddings", None) or cal.seqlen)
             if hidden is not None:
@@ -202,6 +207,9 @@ class StreamingRun(CalibrationPhase):
         n_layers, start = len(layers), state.next_layer
         seconds_before = state.seconds
         reduction = make_reduction(ctx, self.opts.dist_reduce, self.n_batches, self.device)
+        schedule = Schedule(tuple(self.mine), self.n_batches) if self.recover is not None else None
+        all_reduce = make_all_reduce(ctx)
+        compute = compute_dtype_for(self.dtype, self.device)
         t_run = time.perf_counter()
         bar = tqdm(range(start, n_layers), desc=f"{self.method.name} {self.stage.sparsity}", unit="layer",
                    disable=not progress or not ctx.is_main, initial=start, total=n_layers)
@@ -212,10 +220,13 @@ class StreamingRun(CalibrationPhase):
             load_tensors(model, keys, self.src, plan, self.device)
             self.src.close()  # unmap: pages of finished layers leave the process's RSS
             move_buffers(layer, self.device)  # non-persistent buffers (rotary tables of some architectures)
+            if compute is not None:
+                layer.to(compute)  # fp32 on the CPU for a 16-bit model, as the in-memory loop; written back below
             batches = [partial(self._run_batch, layer, g) for g in self.mine]
             state.reports.extend(prune_layer(layer, idx, plan.prefix, self.method, self.stage, batches,
                                              device=self.device, ignore=self._ignore,
-                                             reduce=reduction))
+                                             reduce=reduction, recover=self.recover, schedule=schedule,
+                                             all_reduce=all_reduce, progress=progress and ctx.is_main))
             last = idx + 1 == n_layers
             if store is not None and not last:
                 for g in self.mine:
@@ -223,7 +234,7 @@ class StreamingRun(CalibrationPhase):
             if writer is not None:
                 sd = model.state_dict(keep_vars=True)
                 for k in keys:
-                    writer.write(k, sd[k].detach())
+                    writer.write(k, sd[k].detach().to(plan.dtypes[k]))  # the model's own dtype
                 writer.flush()
             to_meta(model, keys)
             move_buffers(layer, torch.device("cpu"))

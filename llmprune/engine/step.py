@@ -7,8 +7,10 @@ activations come from and where the pruned layer goes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -17,7 +19,7 @@ from torch import nn
 from llmprune.calibration.collect import collect
 from llmprune.calibration.distributed import Reduction
 from llmprune.calibration.stats import Accumulators, make_accumulator
-from llmprune.config import PruneConfig
+from llmprune.config import PruneConfig, RecoveryConfig
 from llmprune.errors import ConfigError, LlmpruneError
 from llmprune.formats.safetensors_io import is_finite
 from llmprune.model.access import (
@@ -29,7 +31,11 @@ from llmprune.model.access import (
 )
 from llmprune.prune.registry import Method, method_for_config
 from llmprune.prune.report import ModuleReport
-from llmprune.sparsity import SparsityPattern, check_nm
+from llmprune.recover.batches import Schedule
+from llmprune.recover.block import AllReduce
+from llmprune.recover.capture import DenseBatch, record_dense
+from llmprune.recover.layer import find_attn, recover_block
+from llmprune.sparsity import SparsityPattern, check_nm, sparsity_of
 
 
 class PruneIntegrityError(RuntimeError):
@@ -174,8 +180,12 @@ def prune_layer(
     device: torch.device,
     ignore: Callable[[str], bool],
     reduce: Reduction | None = None,
+    recover: RecoveryConfig | None = None,
+    schedule: Schedule | None = None,
+    all_reduce: AllReduce | None = None,
+    progress: bool = False,
 ) -> list[ModuleReport]:
-    """Calibrate, then prune every linear of one decoder layer in place.
+    """Calibrate, then prune every linear of one decoder layer in place (then recover it, with ``recover``).
 
     Args:
         layer: decoder layer ``idx``, on ``device``.
@@ -191,6 +201,11 @@ def prune_layer(
         ignore: predicate on full module names; True = leave dense.
         reduce: how this process's statistics are combined with other processes' before any mask is
             computed (:func:`llmprune.calibration.distributed.make_reduction`); None: used as they are.
+        recover: block recovery (``mode="block"``): the dense layer's inputs and outputs are recorded during
+            the statistics pass and the pruned layer is reconstructed against them (:mod:`llmprune.recover`).
+        schedule: multi-process runs: the global batch of each local batch (default: all batches are local).
+        all_reduce: multi-process runs: sums recovery gradients over processes in place.
+        progress: a progress bar over the recovery steps.
 
     Returns:
         One :class:`ModuleReport` per pruned linear.
@@ -203,23 +218,70 @@ def prune_layer(
     check_finite(targets, lambda name: f"{prefix}.{idx}.{name}")
     stats: Accumulators = {}
     t0 = time.perf_counter()
-    if method.stats:
-        stats = new_accumulators(method, targets, device)
-        exchange = reduce.exchange if reduce is not None else None
-        fresh = on_batch = None
-        if exchange is not None:  # every batch feeds its own accumulators, merged in by the exchange
-            batches = [*batches, *[_no_batch] * (reduce.rounds - len(batches))]
-            fresh = partial(new_accumulators, method, targets, device)
-            on_batch = lambda position, _value, batch_stats: exchange(position, batch_stats, stats)  # noqa: E731
-        collect(targets, stats, batches, fresh=fresh, on_batch=on_batch)
-        if reduce is not None and reduce.finish is not None:
-            reduce.finish(stats)
-    return apply_method(method, config, targets, stats, prefix, idx, time.perf_counter() - t0)
+    recovering = recover is not None and recover.mode == "block"
+    with record_dense(layer, find_attn(layer)) if recovering else nullcontext([]) as dense:
+        if method.stats:
+            stats = new_accumulators(method, targets, device)
+            exchange = reduce.exchange if reduce is not None else None
+            fresh = on_batch = None
+            if exchange is not None:  # every batch feeds its own accumulators, merged in by the exchange
+                batches = [*batches, *[_no_batch] * (reduce.rounds - len(batches))]
+                fresh = partial(new_accumulators, method, targets, device)
+                on_batch = lambda position, _value, batch_stats: exchange(position, batch_stats, stats)  # noqa: E731
+            collect(targets, stats, batches, fresh=fresh, on_batch=on_batch)
+            if reduce is not None and reduce.finish is not None:
+                reduce.finish(stats)
+        elif recovering:  # a data-free method: the dense pass runs for the recovery alone
+            for run in batches:
+                run()
+    reports = apply_method(method, config, targets, stats, prefix, idx, time.perf_counter() - t0)
+    if not recovering:
+        return reports
+    return recover_layer(layer, targets, dense, recover, config, reports, schedule=schedule,
+                         all_reduce=all_reduce, progress=progress, desc=f"layer {idx}")
+
+
+def recover_layer(
+    layer: nn.Module,
+    targets: Mapping[str, nn.Linear],
+    dense: Sequence[DenseBatch],
+    recover: RecoveryConfig,
+    config: PruneConfig,
+    reports: list[ModuleReport],
+    **options,
+) -> list[ModuleReport]:
+    """Block recovery of a pruned layer (:func:`llmprune.recover.layer.recover_block`), then the checks: every
+    recovered weight is finite, of the stage's N:M pattern, and (fixed mask) non-zero only where it was kept.
+
+    Returns:
+        ``reports`` with each module's sparsity after recovery, its share of the recovery time and its
+        part's losses (``recovery``).
+
+    Raises:
+        PruneIntegrityError: an internal error, before anything is written.
+    """
+    kept = {name: mod.weight.data != 0 for name, mod in targets.items()} if recover.mask == "fixed" else {}
+    results = recover_block(layer, targets, dense, recover, config, **options)
+    part_of = {name: (res, len(names)) for res, names in results.values() for name in names}
+    out = []
+    for (name, mod), rep in zip(targets.items(), reports):
+        w = mod.weight.data
+        verify_pruned(rep.name, w, config.sparsity, "recovery")
+        if name in kept and bool(((w != 0) & ~kept[name]).any()):
+            raise PruneIntegrityError(f"internal error: recovery filled pruned entries of {rep.name}; nothing was saved")
+        if name not in part_of:
+            out.append(rep)
+            continue
+        res, n = part_of[name]
+        out.append(dataclasses.replace(rep, sparsity=sparsity_of(w), seconds=rep.seconds + res.seconds / n,
+                                       recovery={"part": res.part, **res.to_dict()}))
+    return out
 
 
 def verify_model(model: nn.Module, stages: Sequence[PruneConfig], modules: Sequence[ModuleReport]) -> None:
-    """Before a checkpoint is written: every reported (pruned) module is finite and, for a single per-linear
-    N:M stage, of that pattern (each stage's pattern is verified right after its method ran, in the step).
+    """Before a checkpoint is written: every reported (pruned) module is finite, at least as sparse as reported
+    (nothing after pruning, e.g. recovery, filled zeros back in) and, for a single per-linear N:M stage, of that
+    pattern (each stage's pattern is verified right after its method ran, in the step).
 
     Raises:
         PruneIntegrityError: an internal error; the checkpoint must not be written.
@@ -234,3 +296,6 @@ def verify_model(model: nn.Module, stages: Sequence[PruneConfig], modules: Seque
         w = getattr(mod, "weight", None)
         if isinstance(w, torch.Tensor):
             verify_pruned(rep.name, w.data, pattern, rep.method)
+            if w.dim() == 2 and tuple(w.shape) == tuple(rep.shape) and sparsity_of(w.data) < rep.sparsity - 1e-9:
+                raise PruneIntegrityError(f"internal error: {rep.name} is {sparsity_of(w.data):.4f} sparse, pruned to "
+                                          f"{rep.sparsity:.4f}; nothing was saved")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
-import os
 import statistics
 import threading
 import time
@@ -56,6 +55,23 @@ class BenchRow:
     prefill_ms: float
     decode_ms_per_token: float
     runtime: dict = field(default_factory=dict)
+    dtype: str | None = None  # the dtype the model ran in (its floating-point weights)
+    model_bytes: int | None = None  # bytes of the loaded weights and buffers, in that dtype
+
+
+def _dtype_name(model) -> str | None:
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    return str(p.dtype).removeprefix("torch.") if p is not None else None
+
+
+def _model_bytes(model) -> int:
+    """Bytes of a loaded model's parameters and buffers (tied tensors once)."""
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 def checkpoint_bytes(ref: str) -> int | None:
@@ -67,13 +83,10 @@ def checkpoint_bytes(ref: str) -> int | None:
 
 
 def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):  # pragma: no cover - non-Linux
-        import resource
+    """Resident set size of this process, in bytes (psutil: Linux, macOS, Windows alike)."""
+    import psutil
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return psutil.Process().memory_info().rss
 
 
 def _trim() -> None:
@@ -179,6 +192,7 @@ def bench_model(ref: str | None, *, label: str, runtime: RuntimeConfig | None, b
     with PeakMemory(device) as mem:
         model = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code, runtime=runtime)
         setup = runtime_setup(model)
+        run_dtype, loaded_bytes = _dtype_name(model), _model_bytes(model)
         max_ctx = getattr(model.config, "max_position_embeddings", None)
         if max_ctx and prompt_len + new_tokens > max_ctx:
             raise ConfigError(f"--prompt-len + --new-tokens exceeds the model context ({max_ctx})")
@@ -190,6 +204,7 @@ def bench_model(ref: str | None, *, label: str, runtime: RuntimeConfig | None, b
                 checkpoint_bytes=checkpoint_bytes(resolved), peak_mem_bytes=int(mem.current_peak()),
                 prefill_tok_s=b * prompt_len / pre, decode_tok_s=b * new_tokens / dec if new_tokens else 0.0,
                 prefill_ms=pre * 1e3, decode_ms_per_token=dec * 1e3 / max(new_tokens, 1), runtime=setup.options,
+                dtype=run_dtype, model_bytes=loaded_bytes,
             ))
     del model
     _trim()
@@ -200,8 +215,12 @@ def bench_model(ref: str | None, *, label: str, runtime: RuntimeConfig | None, b
 
 def bench(model_ref: str | None, baseline_ref: str | None = None, *, runtime: RuntimeConfig | None = None,
           batches: list[int] | None = None, prompt_len: int = 128, new_tokens: int = 32, device=None,
-          dtype: str = "auto", repeats: int = 3, trust_remote_code: bool = False) -> dict:
+          dtype: str = "auto", repeats: int = 3, trust_remote_code: bool = False,
+          baseline_dtype: str | None = None) -> dict:
     """Benchmark ``model_ref`` (with ``runtime`` options) and ``baseline_ref`` (dense, no options).
+
+    The baseline runs in the dtype the model ran in unless ``baseline_dtype`` says otherwise, so the ratios
+    compare pruning, not a bf16 model with an fp32 baseline; each row records its dtype.
 
     Returns:
         ``{"device", "cpu", "torch", "prompt_len", "new_tokens", "repeats", "rows": [BenchRow dicts]}``.
@@ -213,14 +232,17 @@ def bench(model_ref: str | None, baseline_ref: str | None = None, *, runtime: Ru
     kw = dict(batches=batches, prompt_len=prompt_len, new_tokens=new_tokens, device=dev, dtype=dtype,
               repeats=repeats, trust_remote_code=trust_remote_code)
     rows = bench_model(model_ref, label="model", runtime=runtime, **kw)
+    base_dtype = baseline_dtype or rows[0].dtype or dtype
     if baseline_ref is not None:
-        rows += bench_model(baseline_ref, label="baseline", runtime=None, **kw)
+        rows += bench_model(baseline_ref, label="baseline", runtime=None, **{**kw, "dtype": base_dtype})
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     return {
         "device": name,
         "cpu": dev.type == "cpu",
         "torch": torch.__version__,
         "dtype": dtype,
+        "model_dtype": rows[0].dtype,
+        "baseline_dtype": base_dtype if baseline_ref is not None else None,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "repeats": repeats,
@@ -237,7 +259,8 @@ def format_bench(result: dict) -> str:
     else:
         lines.append(f"device: {result['device']}")
     lines.append(f"prompt {result['prompt_len']} tokens, {result['new_tokens']} decoded tokens, "
-                 f"median of {result['repeats']} after warm-up; dtype {result['dtype']}")
+                 f"median of {result['repeats']} after warm-up; dtype: model {result.get('model_dtype')}"
+                 + (f", baseline {result['baseline_dtype']}" if result.get("baseline_dtype") else ""))
     head = f"{'':9} {'features':<34} {'ckpt MiB':>9} {'batch':>5} {'peak MiB':>9} {'prefill tok/s':>13} {'decode tok/s':>12}"
     lines.append(head)
     for r in result["rows"]:
@@ -251,8 +274,11 @@ def format_bench(result: dict) -> str:
         base = by.get(("baseline", b))
         if label == "model" and base:
             parts = []
+            if r.get("model_bytes") and base.get("model_bytes"):
+                parts.append(f"{r['model_bytes'] / base['model_bytes']:.2f}x loaded bytes ({r.get('dtype')} vs "
+                             f"{base.get('dtype')})")
             if r["checkpoint_bytes"] and base["checkpoint_bytes"]:
-                parts.append(f"{r['checkpoint_bytes'] / base['checkpoint_bytes']:.2f}x bytes")
+                parts.append(f"{r['checkpoint_bytes'] / base['checkpoint_bytes']:.2f}x checkpoint bytes")
             parts.append(f"prefill {r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x")
             if base["decode_tok_s"]:
                 parts.append(f"decode {r['decode_tok_s'] / base['decode_tok_s']:.2f}x")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmprune._registration import ensure_registered
 from llmprune.errors import LlmpruneError
 from llmprune.formats.output import METADATA_FILE, check_output, make_work_dir, move_into_place
 from llmprune.formats.reading import read_json
@@ -61,6 +62,7 @@ def register_format(
 
 
 def get_format(name: str) -> Format:
+    ensure_registered()  # the built-ins register on first use (`import llmprune` stays light)
     try:
         return _FORMATS[name]
     except KeyError:
@@ -68,6 +70,7 @@ def get_format(name: str) -> Format:
 
 
 def available_formats() -> list[str]:
+    ensure_registered()
     return sorted(_FORMATS)
 
 

@@ -156,7 +156,8 @@ def build_metadata(
     Returns:
         A JSON-serialisable dict: ``llmprune_version``, ``base_model``, ``recipe``, ``calibration``,
         ``sparsity`` (``overall``, ``modules``), ``prune_seconds``, ``dtype``, ``command``, ``paths`` (the
-        ``record_paths`` mode, when ``output`` is given) and, when given, ``format`` and ``engine``.
+        ``record_paths`` mode, when ``output`` is given), ``recovery`` (when the recipe recovered) and, when
+        given, ``format`` and ``engine``.
     """
     check_record_paths(record_paths)
     base = str(base_model)
@@ -187,6 +188,9 @@ def build_metadata(
     }
     if output is not None:
         metadata["paths"] = record_paths
+    blocks, e2e = (report.recovery() if hasattr(report, "recovery") else []), getattr(report, "distill", None)
+    if blocks or e2e:  # what recovery did (llmprune.recover): losses before/after per block part, or end to end
+        metadata["recovery"] = {**({"blocks": blocks} if blocks else {}), **({"e2e": e2e} if e2e else {})}
     if format is not None:
         metadata["format"] = format
     if engine is not None:

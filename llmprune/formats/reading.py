@@ -21,8 +21,6 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from llmprune.errors import LlmpruneError
 
 _TYPE_NAMES = {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
@@ -142,6 +140,8 @@ def load_torch(path: str | os.PathLike, **kwargs) -> Any:
     """``torch.load(path, weights_only=True, **kwargs)``: a pickle that is not plain tensors/containers, or a
     corrupt file, is a :class:`LlmpruneError` naming the file."""
     import pickle
+
+    import torch  # here, not at the top: the JSON readers also serve the CLI's light modules (fast --help)
 
     path = Path(path)
     try:

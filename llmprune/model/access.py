@@ -112,6 +112,22 @@ def attn_of(layer: nn.Module) -> nn.Module:
     return attn
 
 
+#: The projections of a Llama-style decoder layer, as ``(submodule, attribute)`` under the layer.
+PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def projection_parents(layer: nn.Module) -> dict[str, nn.Module]:
+    """``{"self_attn": module, "mlp": module}`` holding the :data:`PROJECTIONS` of ``layer``, whatever module type
+    each projection is (``nn.Linear``, a packed 2:4 linear, ...)."""
+    parents = {name: getattr(layer, name, None) for name in ("self_attn", "mlp")}
+    missing = [f"{p}.{a}" for p, a in PROJECTIONS if parents[p] is None or getattr(parents[p], a, None) is None]
+    if missing:
+        raise LlmpruneError(f"{type(layer).__name__} has no {', '.join(missing)} (activation sparsity needs a "
+                            "Llama-style layer: self_attn.q/k/v/o_proj, mlp.gate/up/down_proj)")
+    return parents
+
+
 def intermediate_size(layer: nn.Module) -> int:
     return mlp_of(layer).gate_proj.out_features
 

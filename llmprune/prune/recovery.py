@@ -129,6 +129,8 @@ def recover(
             loras.extend(_wrap(layer, r))
     trainable = [p for m in loras for p in (m.lora_a, m.lora_b)]
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    # cosine decay from lr towards 0 over the run (step t uses cosine_lr(lr, t, steps)), torch's own schedule
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=0.0)
     g = torch.Generator().manual_seed(0)
     was_training = model.training
     model.train()
@@ -137,13 +139,12 @@ def recover(
             for step in tqdm(range(steps), desc="recovery", unit="step", disable=not progress):
                 idx = torch.randint(0, calib.shape[0], (batch_size,), generator=g)
                 ids = calib[idx].to(device)
-                for group in opt.param_groups:
-                    group["lr"] = cosine_lr(lr, step, steps)
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 opt.step()
+                schedule.step()
                 if step == 0 or step + 1 == steps:
                     log.info("recovery step %d/%d loss %.4f", step + 1, steps, loss.item())
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from llmprune._registration import ensure_registered
 from llmprune.errors import ConfigError
 
 
@@ -67,6 +68,7 @@ def register(
 
 def get_method(name: str) -> Method:
     """Look up a registered method; unknown names raise :class:`ConfigError`."""
+    ensure_registered(methods_only=True)  # the methods register on first use (`import llmprune` stays light)
     try:
         return _METHODS[name]
     except KeyError:
@@ -75,6 +77,7 @@ def get_method(name: str) -> Method:
 
 def method_for_config(config: object) -> Method:
     """The method a config belongs to (by its ``method`` name)."""
+    ensure_registered(methods_only=True)
     method = _METHODS.get(getattr(config, "method", ""))
     if method is None or not isinstance(config, method.config_cls):
         raise ConfigError(f"no method registered for config type {type(config).__name__}")
@@ -82,4 +85,5 @@ def method_for_config(config: object) -> Method:
 
 
 def available_methods() -> list[str]:
+    ensure_registered(methods_only=True)
     return sorted(_METHODS)

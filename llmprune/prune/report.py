@@ -9,7 +9,7 @@ from pathlib import Path
 
 @dataclass
 class ModuleReport:
-    """What happened to one linear."""
+    """What happened to one linear (``recovery``: its block recovery part's losses, see :mod:`llmprune.recover`)."""
 
     name: str
     layer: int
@@ -17,6 +17,7 @@ class ModuleReport:
     sparsity: float
     seconds: float
     method: str
+    recovery: dict | None = None
 
 
 @dataclass
@@ -25,6 +26,17 @@ class PruneReport:
 
     modules: list[ModuleReport] = field(default_factory=list)
     seconds: float = 0.0
+    distill: dict | None = None  # end-to-end recovery (llmprune.recover.distill): losses before/after, steps
+
+    def recovery(self) -> list[dict]:
+        """Block recovery per decoder layer: ``[{"layer": i, part: {"loss_before", "loss_after", "steps"}}]``
+        (deterministic, so a resumed run records the same; the time is in the modules' ``seconds``)."""
+        rows: dict[int, dict] = {}
+        for m in self.modules:
+            if m.recovery:
+                rows.setdefault(m.layer, {"layer": m.layer})[m.recovery["part"]] = {
+                    k: v for k, v in m.recovery.items() if k not in ("part", "seconds")}
+        return [rows[k] for k in sorted(rows)]
 
     @property
     def overall_sparsity(self) -> float:

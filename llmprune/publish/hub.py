@@ -28,7 +28,7 @@ from pathlib import Path
 from llmprune.errors import ConfigError, LlmpruneError
 from llmprune.formats.checkpoint import read_metadata
 from llmprune.publish import modelcard
-from llmprune.publish.paths import public_json
+from llmprune.publish.paths import public_json, public_text
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _stage(directory: Path, staging: Path, card: str | None) -> None:
             except (UnicodeDecodeError, ValueError):
                 raise LlmpruneError(f"{src} is not valid JSON; fix or remove it before pushing") from None
             dst.write_text(json.dumps(public_json(data, directory), indent=2) + "\n")
-        elif card is not None and rel.as_posix() == modelcard.CARD_FILE:
+        elif card is not None and rel.as_posix() in (modelcard.CARD_FILE, modelcard.RECIPE_FILE):
             continue
         else:
             try:
@@ -135,6 +135,10 @@ def _stage(directory: Path, staging: Path, card: str | None) -> None:
                 shutil.copy2(src, dst)
     if card is not None:
         (staging / modelcard.CARD_FILE).write_text(card, encoding="utf-8")
+        meta = read_metadata(directory)
+        if meta is not None:  # the recipe beside the card, reusable with --recipe
+            (staging / modelcard.RECIPE_FILE).write_text(public_text(modelcard.recipe_yaml(meta), directory),
+                                                         encoding="utf-8")
 
 
 def push(
@@ -145,6 +149,9 @@ def push(
     commit_message: str | None = None,
     write_card: bool = True,
     api=None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
 ) -> str:
     """Create ``repo_id`` if missing and upload ``directory`` (a checkpoint) to it.
 
@@ -156,6 +163,9 @@ def push(
         write_card: upload a ``README.md`` generated from the checkpoint's metadata and results (also written
             into the checkpoint after a successful upload, when the folder is writable).
         api: a ``huggingface_hub.HfApi`` (default: a new one; the token is huggingface_hub's business).
+        revision: the branch to upload to (created from main when missing; default main).
+        create_pr: open a pull request with the upload instead of committing to the branch.
+        token: a Hugging Face token (default: huggingface_hub's own sources); never printed or logged.
 
     Returns:
         The repo URL.
@@ -176,20 +186,24 @@ def push(
     if api is None:
         from huggingface_hub import HfApi
 
-        api = HfApi()
+        api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="llmprune-push-") as tmp:
         staging = Path(tmp) / directory.resolve().name
         staging.mkdir()
         _stage(directory, staging, card)
         try:
             url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-            log.info("uploading %s to %s", directory, repo_id)
-            api.upload_folder(
+            if revision and not create_pr:
+                api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True)
+            log.info("uploading %s to %s%s", directory, repo_id, f" ({revision})" if revision else "")
+            extra = {k: v for k, v in (("revision", revision), ("create_pr", create_pr)) if v}
+            commit = api.upload_folder(
                 repo_id=repo_id,
                 repo_type="model",
                 folder_path=str(staging),
                 commit_message=commit_message or f"Upload {directory.resolve().name} (llmprune)",
                 ignore_patterns=IGNORE_PATTERNS,
+                **extra,
             )
         except Exception as exc:
             # The messages name the repo and status; huggingface_hub never puts the token in them.
@@ -205,4 +219,5 @@ def push(
             modelcard.write_card(directory, repo_id=repo_id, text=card)
         except OSError as exc:  # a read-only checkpoint: the card is on the Hub
             log.info("model card not written into %s (%s)", directory, exc.strerror or exc)
-    return str(getattr(url, "url", None) or url or f"https://huggingface.co/{repo_id}")
+    pr_url = getattr(commit, "pr_url", None) if create_pr else None
+    return str(pr_url or getattr(url, "url", None) or url or f"https://huggingface.co/{repo_id}")

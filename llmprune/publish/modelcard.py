@@ -19,28 +19,59 @@ import dataclasses
 import os
 from pathlib import Path
 
-import yaml
-
 from llmprune.config import RuntimeConfig
 from llmprune.errors import LlmpruneError
+from llmprune.evaluate.inspect import inspect_checkpoint
 from llmprune.evaluate.lm_eval import MAIN_METRIC
+from llmprune.evaluate.longctx.report import card_section as longctx_card_section
 from llmprune.evaluate.results import read_results
 from llmprune.formats.checkpoint import read_metadata
-from llmprune.publish.paths import hub_base_model, public_json
+from llmprune.formats.reading import read_json
+from llmprune.publish.card_meta import (
+    RECIPE_FILE,
+    atomic_write,
+    base_card_data,
+    calib_dataset,
+    eval_results,
+    recipe_yaml,
+    recovery,
+)
+from llmprune.publish.paths import hub_base_model, public_json, public_text
 
 CARD_FILE = "README.md"
 _PAPERS = {
     "wanda": "[Wanda](https://arxiv.org/abs/2306.11695)",
     "sparsegpt": "[SparseGPT](https://arxiv.org/abs/2301.00774)",
     "magnitude": "magnitude pruning",
+    "cfsp": "[CFSP](https://arxiv.org/abs/2409.13199) structured pruning",
+    "slicegpt": "[SliceGPT](https://arxiv.org/abs/2401.15024) slicing of the hidden dimension",
 }
+#: Methods that remove whole channels (the model gets smaller) instead of zeroing weights.
+_STRUCTURED_METHODS = {"cfsp", "slicegpt"}
+
+
+def _sliced_lines(directory: Path) -> list[str]:
+    """What SliceGPT sliced (from ``config.json``); nothing for other checkpoints."""
+    cfg = read_json(directory / "config.json", what="config.json") or {}
+    k, d = cfg.get("llmprune_sliced_dim"), cfg.get("hidden_size")
+    if not isinstance(k, int) or not isinstance(d, int):
+        return []
+    tied = ("embeddings tied to `lm_head`, the final norm ending in a k x k map" if cfg.get("llmprune_sliced_head_proj")
+            else "`lm_head` has its own table")
+    return [f"Sliced by SliceGPT: the residual stream (embedding dimension) is {k} of the base model's {d} "
+            f"({1 - k / d:.1%} removed) in every layer, rotated to the principal components of the calibration "
+            f"activations; embeddings and `lm_head` are rotated and sliced in width, never in vocabulary "
+            f"({tied}); each layer has a {k} x {k} residual-shortcut matrix. Model type "
+            f"`{cfg.get('model_type')}`: run `import llmprune` before `AutoModelForCausalLM.from_pretrained`.", ""]
 
 
 def _sparsity_tags(recipe: dict) -> list[str]:
     tags = []
     for stage in recipe.get("prune", []):
         sp = str(stage.get("sparsity", ""))
-        if ":" in sp:
+        if stage.get("method") in _STRUCTURED_METHODS:
+            tags += ["structured-pruning", "structured-sparsity"]
+        elif ":" in sp:
             tags += [sp, "semi-structured-sparsity"]
         elif sp:
             tags.append("unstructured-sparsity")
@@ -80,7 +111,8 @@ def _lm_eval_section(res: dict, base: dict) -> list[str]:
     rows = res.get("lm_eval", {})
     if not rows:
         return []
-    out = ["### lm-eval", "", "| task | metric | n | this model | dense baseline | Δ |", "|---|---|---:|---:|---:|---:|"]
+    out = ["### lm-eval", "", "| task | metric | n | this model | dense baseline | Δ | recovery |",
+           "|---|---|---:|---:|---:|---:|---:|"]
     notes = set()
     for key, e in sorted(rows.items()):
         b = base.get("lm_eval", {}).get(e.get("task", key), {})
@@ -90,7 +122,8 @@ def _lm_eval_section(res: dict, base: dict) -> list[str]:
             notes.add("baseline and model were evaluated with different --limit")
         if e.get("offline_data"):
             notes.add("offline task copies (llmprune/tasks, same prompts and metrics as lm-eval's)")
-        out.append(f"| {key} | {metric} | {_fmt(e.get('n_samples'))} | {_fmt(m)} | {_fmt(bm)} | {_delta(m, bm)} |")
+        out.append(f"| {key} | {metric} | {_fmt(e.get('n_samples'))} | {_fmt(m)} | {_fmt(bm)} | {_delta(m, bm)} | "
+                   f"{recovery(m, bm)} |")
     limits = sorted({str(e.get("limit")) for e in rows.values()})
     out += ["", f"Zero-shot unless noted; `--limit` {', '.join(limits)} (None = full set)."]
     out += [f"Note: {n}." for n in sorted(notes)]
@@ -158,24 +191,42 @@ def build_card(directory: str | os.PathLike, *, repo_id: str | None = None) -> s
         tags.append(f"{fmt}-format")
     runtime = recipe.get("runtime") or {}
     tags += [f"runtime-{k.replace('_', '-')}" for k in runtime]
-    front = {
-        **({"base_model": hub_base} if hub_base else {}),
-        "library_name": "transformers" if fmt == "dense" else "llmprune",
-        "pipeline_tag": "text-generation",
-        "tags": list(dict.fromkeys(tags)),
-    }
     name = repo_id or directory.resolve().name
+    license_, language = base_card_data(hub_base, directory)
+    cal = meta.get("calibration") or {}
+    dataset = calib_dataset(cal.get("source"))
+    facts = inspect_checkpoint(directory, sparsity=False)
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        base_model=hub_base, library_name="transformers" if fmt == "dense" else "llmprune",
+        pipeline_tag="text-generation", tags=list(dict.fromkeys(tags)), license=license_, language=language,
+        datasets=[dataset] if dataset else None, model_name=name, eval_results=eval_results(res, name) or None,
+        parameters=facts["parameters"], dtype=facts["dtype"],
+    )
     overall = (meta.get("sparsity") or {}).get("overall")
     desc = " then ".join(f"{_PAPERS.get(s.get('method'), s.get('method'))} at sparsity {s.get('sparsity')}"
                          for s in stages) or "llmprune"
-    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "", f"# {name}", ""]
+    structured = any(s.get("method") in _STRUCTURED_METHODS for s in stages)
+    what = "of the prunable parameters (FFN channels / attention head groups) removed" if structured else \
+        "of the prunable linear weights are zero"
+    if any(s.get("method") == "slicegpt" for s in stages):
+        what = "of the decoder layers' linear weights removed"
+    lines = ["---", data.to_yaml().strip(), "---", "", f"# {name}", ""]
     lines.append(
         f"`{base}` pruned with {desc}"
-        + (f" ({overall:.2%} of the prunable linear weights are zero)" if isinstance(overall, float) else "")
+        + (f" ({overall:.2%} {what})" if isinstance(overall, float) else "")
         + f", saved by [llmprune](https://pypi.org/project/llmprune/) {meta.get('llmprune_version', '')} "
         f"in the `{fmt}` checkpoint format."
+        + (f" Converted from the `{meta['converted_from']}` format with `llmprune convert`."
+           if meta.get("converted_from") and meta["converted_from"] != fmt else "")
     )
     lines.append("")
+    lines.append(f"{facts['parameters']:,} parameters, {facts['dtype']}, {facts['bytes']['weights'] / 2**20:.1f} MiB "
+                 "of weight files." + (" Structurally pruned: fewer parameters than the base model." if structured
+                                        else ""))
+    lines.append("")
+    lines += _sliced_lines(directory)
     lines += ["## Use", "", "```python"]
     if fmt == "dense":
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -190,8 +241,12 @@ def build_card(directory: str | os.PathLike, *, repo_id: str | None = None) -> s
         flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(RuntimeConfig)}
         lines += ["Recorded runtime options (`llmprune generate`, `ppl`, `eval` and `bench` apply them; flags "
                   "override them): " + ", ".join(f"`{flags.get(k, k)} {v}`" for k, v in runtime.items()), ""]
-    lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
-    lines += ["## Reproduce", "", "```bash", meta.get("command") or "(command not recorded)", "```", ""]
+    lines += ["## Recipe", "", "Also saved as `recipe.yaml` (`llmprune compress --recipe recipe.yaml`).", "",
+              "```yaml", recipe_yaml(meta).strip(), "```", ""]
+    commands = [meta.get("command") or "(command not recorded)"] + (
+        [meta["convert_command"]] if meta.get("convert_command") else [])
+    lines += ["## Reproduce", "", "Local paths are relative to this checkpoint's directory.", "", "```bash",
+              *commands, "```", ""]
     cal = meta.get("calibration")
     lines += ["## Calibration", ""]
     if cal:
@@ -206,7 +261,8 @@ def build_card(directory: str | os.PathLike, *, repo_id: str | None = None) -> s
         lines.append("No calibration data (data-free method).")
     lines.append("")
     lines += ["## Results", ""]
-    body = _ppl_section(res, base_res) + _lm_eval_section(res, base_res) + _bench_section(res)
+    body = (_ppl_section(res, base_res) + _lm_eval_section(res, base_res) + longctx_card_section(res)
+            + _bench_section(res))
     if body:
         lines += body
         measured = baseline_measured(res)
@@ -223,17 +279,37 @@ def build_card(directory: str | os.PathLike, *, repo_id: str | None = None) -> s
     if modules:
         lines += ["## Sparsity", "", f"{len(modules)} linear modules pruned; `lm_head` and embeddings are dense. "
                   "Per-module sparsity is in `llmprune.json`.", ""]
+    lines += _recovery_section(meta.get("recovery") or {})
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _recovery_section(rec: dict) -> list[str]:
+    """Recovery that kept the pattern (``llmprune.json`` ``recovery``): per-block losses before/after."""
+    if not rec:
+        return []
+    out = ["## Recovery", "", "The sparsity pattern was kept (pruned weights stay zero; checked before saving)."]
+    if rec.get("e2e"):
+        e = rec["e2e"]
+        out += ["", f"End-to-end distillation from the dense model: {e.get('steps')} steps, loss "
+                f"{_fmt(e.get('loss_before'))} → {_fmt(e.get('loss_after'))}."]
+    blocks = rec.get("blocks") or []
+    if blocks:
+        out += ["", "Block-wise reconstruction against the dense block outputs (mean squared error):", "",
+                "| layer | part | steps | loss before | loss after |", "|---:|---|---:|---:|---:|"]
+        for b in blocks:
+            for part, r in b.items():
+                if part != "layer":
+                    out.append(f"| {b['layer']} | {part} | {r.get('steps')} | {r.get('loss_before', 0):.4g} | "
+                               f"{r.get('loss_after', 0):.4g} |")
+    return out + [""]
+
+
 def write_card(directory: str | os.PathLike, *, repo_id: str | None = None, text: str | None = None) -> Path:
-    """(Re)write ``directory/README.md`` (``text``: an already built card), atomically."""
+    """(Re)write ``directory/README.md`` (``text``: an already built card) and ``recipe.yaml``, atomically."""
     path = Path(directory) / CARD_FILE
     text = build_card(directory, repo_id=repo_id) if text is None else text
-    tmp = path.with_name(f".{CARD_FILE}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, text)
+    meta = read_metadata(directory)
+    if meta is not None:
+        atomic_write(Path(directory) / RECIPE_FILE, public_text(recipe_yaml(meta), directory))
     return path

@@ -29,6 +29,9 @@ SPARSE24_MAX_ROWS = 16
 KV_BITMAP_MAX_QUERIES = 16
 #: Gated attention runs the kernel for decode steps of exactly this many query tokens (the kernel takes one).
 GATED_DECODE_QUERIES = 1
+#: Activation-sparse linears run the input-sparse GEMV for at most this many input rows (decode, a few sequences);
+#: above it the kept-input union is no longer sparse and cuBLAS wins.
+ACT_SPARSE_MAX_ROWS = 4
 
 
 def interpreter_enabled() -> bool:

@@ -34,6 +34,8 @@ from typing import Any
 from llmprune.config import RuntimeConfig
 from llmprune.errors import ConfigError
 from llmprune.formats.checkpoint import read_metadata
+from llmprune.runtime.actsparse.apply import attach_act_sparsity
+from llmprune.runtime.actsparse.thresholds import load_thresholds
 from llmprune.runtime.gates.runtime import GateRuntime, attach_gates, gate_runtime
 from llmprune.runtime.kvcache import BitmapKVCache
 from llmprune.runtime.kvcache.budgets import load_budgets
@@ -131,9 +133,26 @@ def _setup_attn(model, config: RuntimeConfig) -> None:
     return None
 
 
+def _setup_act(model, config: RuntimeConfig) -> None:
+    """TEAL activation sparsity of the decoder linears (:mod:`llmprune.runtime.actsparse`)."""
+    if config.act_thresholds is None:
+        raise ConfigError("--act-sparsity needs calibrated thresholds: run llmprune calibrate-act on the model "
+                          "(or pass --act-thresholds FILE)")
+    attach_act_sparsity(model, load_thresholds(config.act_thresholds), config.act_sparsity,
+                        prefill=bool(config.act_prefill))
+    return None
+
+
+def _act_label(config: RuntimeConfig) -> str:
+    where = "decode and prefill" if config.act_prefill else "decode"
+    level = f"{config.act_sparsity:.0%}" if config.act_sparsity is not None else "calibrated level"
+    return f"activation sparsity {level} ({where}, thresholds {config.act_thresholds})"
+
+
 RUNTIME_FEATURES: dict[str, RuntimeFeature] = {
     "kv_sparsity": RuntimeFeature("kv_sparsity", RuntimeConfig.KV_FIELDS, _setup_kv, _kv_label),
     "attn_sparsity": RuntimeFeature("attn_sparsity", RuntimeConfig.ATTN_FIELDS, _setup_attn),  # label: model_features
+    "act_sparsity": RuntimeFeature("act_sparsity", RuntimeConfig.ACT_FIELDS, _setup_act, _act_label),
 }
 
 
@@ -221,6 +240,9 @@ def checkpoint_runtime(model_ref: str | os.PathLike | None) -> RuntimeConfig:
     alloc = config.kv_allocation
     if alloc is not None and alloc != "uniform" and not Path(alloc).expanduser().is_absolute():
         config = dataclasses.replace(config, kv_allocation=str(directory / alloc))
+    act = config.act_thresholds
+    if act is not None and not Path(act).expanduser().is_absolute():
+        config = dataclasses.replace(config, act_thresholds=str(directory / act))
     return config
 
 

@@ -143,9 +143,11 @@ def test_runtime_flags_are_the_same_everywhere(command):
     from llmprune.config import RuntimeConfig
 
     argv = [command, "m", "--kv-sparsity", "0.5", "--k-sparsity", "0.6", "--v-sparsity", "0.4", "--kv-window", "16",
-            "--attn-sparsity", "0.3", "--gates", "g", "--kv-allocation", "b.json"] + (
+            "--attn-sparsity", "0.3", "--gates", "g", "--kv-allocation", "b.json", "--act-sparsity", "0.4",
+            "--act-prefill", "yes", "--act-thresholds", "a.json"] + (
                 ["--prompt", "x"] if command == "generate" else [])
     args = build_parser().parse_args(argv)
     got = {f.name: getattr(args, f.name) for f in dataclasses.fields(RuntimeConfig)}
     assert got == {"kv_sparsity": 0.5, "kv_k_sparsity": 0.6, "kv_v_sparsity": 0.4, "kv_window": 16,
-                   "attn_sparsity": 0.3, "gates": "g", "kv_allocation": "b.json"}
+                   "attn_sparsity": 0.3, "gates": "g", "kv_allocation": "b.json", "act_sparsity": 0.4,
+                   "act_prefill": True, "act_thresholds": "a.json"}

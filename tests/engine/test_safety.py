@@ -405,7 +405,7 @@ def test_early_validation_fails_fast_and_writes_nothing(base, tmp_path, case, ca
     args = args(tmp_path, base) if callable(args) else args
     loaded = []
     monkeypatch.setattr("llmprune.api.load_pretrained", lambda *a, **k: loaded.append(1))  # must not be reached
-    monkeypatch.setattr("llmprune.api.load_calibration", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("llmprune.api.load_calibration_resolved", lambda *a, **k: loaded.append(1))
     monkeypatch.setattr(run_mod.StreamingRun, "_calibration_ids", lambda *a, **k: loaded.append(1))
     model_files = sorted(p.name for p in base["model"].iterdir())
     before = set(tmp_path.iterdir())

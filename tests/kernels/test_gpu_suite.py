@@ -16,7 +16,8 @@ def test_dry_run_lists_every_goal_point(capsys):
     for needle in ("q/o_proj 4096x4096 M=1", "gate/up_proj 14336x4096 M=1", "down_proj 4096x14336 M=1",
                    "fused qkv 6144x4096 M=1", "[kv_bitmap] 32k 70%", "[gated] 32k 90% skipped", "[correctness]"):
         assert needle in out, needle
-    assert out.count("goal >=") == 7 and "[e2e]" in out
+    assert "[act_sparse] q/o_proj 4096x4096 M=1 50% zeroed" in out
+    assert out.count("goal >=") == 11 and "[e2e]" in out
 
 
 def test_sections_and_arguments():

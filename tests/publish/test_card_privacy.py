@@ -139,7 +139,7 @@ def test_pushed_files_have_no_local_paths(checkpoint, tmp_path, monkeypatch, cap
     assert json.loads(files["llmprune.json"])["base_model"] == "tiny-llama"
     # The checkpoint's own files are left as they were (only the card is added after the upload).
     after = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
-    assert set(after) == set(before) | {"README.md"} and all(after[n] == b for n, b in before.items())
+    assert set(after) == set(before) | {"README.md", "recipe.yaml"} and all(after[n] == b for n, b in before.items())
 
 
 # ------------------------------------------------------------------------------------ baseline sentence

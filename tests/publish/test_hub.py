@@ -113,7 +113,7 @@ def test_push_call_sequence(checkpoint, monkeypatch, caplog, capsys):
     assert up["repo_id"] == "me/tiny-2of4"
     # A staging folder with every file of the checkpoint (the same bytes) plus the generated card.
     local = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file() and p.name != "README.md"}
-    assert set(up["files"]) == set(local) | {"README.md"}
+    assert set(up["files"]) == set(local) | {"README.md", "recipe.yaml"}
     assert all(up["files"][n] == b for n, b in local.items() if n not in hub.PUBLIC_JSON)
     assert up["card"] is not None and "library_name: transformers" in up["card"]  # card generated before upload
     assert (checkpoint / "README.md").read_text() == up["card"]  # and kept with the checkpoint after the upload

@@ -186,6 +186,10 @@ def apply_cfsp(model: nn.Module, cfg: CFSPConfig, stats: list[LayerStats], ctx, 
             reports.append(ModuleReport(f"{prefix}.{i}.{name}", i, shape, removed, secs / len(names), "cfsp"))
     sync_config(model)
     log.info("cfsp: kept FFN sizes %s; kept KV groups %s", kept, kept_groups)
+    total = sum(r.shape[0] * r.shape[1] for r in reports)
+    achieved = sum(r.sparsity * r.shape[0] * r.shape[1] for r in reports) / max(total, 1)
+    log.info("cfsp (%s): removed %.2f%% of the prunable parameters (target %.2f%%; kept sizes are multiples of %d)",
+             cfg.allocation, 100 * achieved, 100 * cfg.sparsity.ratio, cfg.round_to)
     if cfg.recover_steps > 0:
         ranks = [0 if skip[i] else r for i, r in enumerate(lora_ranks([s.importance for s in stats], cfg.lora_rank))]
         recover(model, ctx.calib, ranks, cfg.recover_steps, cfg.recover_lr, cfg.recover_batch_size, ctx.device,

@@ -97,7 +97,7 @@ def calibrate_kv(
     tokenizer = load_tokenizer(resolved, trust_remote_code)
     model = load_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
     cal = clip_seqlen(cal, model.config)
-    ids = load_calibration(cal, tokenizer, model)
+    ids = load_calibration(cal, tokenizer, model, progress=progress)
     t0 = time.perf_counter()
     scores = kv_entropy_scores(model, ids, dev, batch_size=cal.batch_size, progress=progress)
     log.info("kv entropy scores: %d layers x %d heads in %.1fs", len(scores.k), len(scores.k[0]),

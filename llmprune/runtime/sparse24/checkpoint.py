@@ -13,6 +13,7 @@ tensor straight from the safetensors files, so the dense model never exists in m
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from pathlib import Path
@@ -32,6 +33,7 @@ from llmprune.formats.sparse24 import (
     validate_packed,
 )
 from llmprune.model.loading import load_config
+from llmprune.model.structured import needs_llmprune_config
 from llmprune.prune.registry import method_for_config
 from llmprune.runtime.sparse24.module import _empty_sparse_modules, packable_linears
 
@@ -121,6 +123,10 @@ def save_packed(model: nn.Module, directory: Path, max_shard_bytes: int = DEFAUL
     if dtype is not None:
         config.dtype = dtype
     config.save_pretrained(directory)
+    # A model type plain transformers cannot resolve: without llmprune the packed linears would load at random.
+    cfg_file = directory / "config.json"
+    cfg_file.write_text(json.dumps(needs_llmprune_config(json.loads(cfg_file.read_text())), indent=2,
+                                   sort_keys=True) + "\n")
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(directory)
@@ -154,7 +160,7 @@ def _packed_modules(directory: Path, config) -> list[str]:
         names = check_quant_config(qc)
     except ValueError as exc:
         raise LlmpruneError(f"{directory / 'config.json'}: {exc}") from None
-    del config.quantization_config
+    del config.quantization_config  # put back on the built model (load_packed), so save_pretrained round-trips
     return names
 
 
@@ -285,6 +291,7 @@ def load_packed(directory: str | os.PathLike, dtype="auto", device=None, **_):
     if missing:
         raise LlmpruneError(f"{directory}: checkpoint lacks {preview(missing)}")
     check_packed_modules(model, names, directory)
+    model.config.quantization_config = quant_config(names)  # model.save_pretrained(DIR) writes a packed checkpoint
     model.to(device)
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmprune.errors import LlmpruneError
-from llmprune.formats.sparse24 import is_24, meta_words, pack_24, unpack_24
+from llmprune.formats.sparse24 import QUANT_METHOD, is_24, meta_words, pack_24, unpack_24
 from llmprune.model.access import DEFAULT_IGNORE, decoder_layers_path, matches_any
+from llmprune.model.structured import plain_classes
 from llmprune.runtime.kernel_policy import SPARSE24_MAX_ROWS, use_kernel
 
 #: Input dtypes the Triton kernel takes (it accumulates in fp32 but loads 16-bit values).
@@ -163,6 +164,15 @@ def unpack_model(model: nn.Module) -> list[str]:
     names = [n for n, m in model.named_modules() if isinstance(m, Sparse24Linear)]
     for name in names:
         _swap(model, name, model.get_submodule(name).to_linear())
+    config = getattr(model, "config", None)
+    if config is not None and not any(isinstance(m, Sparse24Linear) for m in model.modules()):
+        qc = getattr(config, "quantization_config", None)
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if method == QUANT_METHOD:  # a dense model again: saves as a checkpoint plain transformers loads
+            del config.quantization_config
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer = None
+            plain_classes(model)
     return names
 
 

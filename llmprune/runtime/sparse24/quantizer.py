@@ -67,7 +67,7 @@ def register_transformers_quantizer() -> bool:
             return model
 
         def is_serializable(self, *args, **kwargs):
-            return False
+            return True  # the state dict is the packed layout (values + meta), config.json keeps this config
 
         @property
         def is_trainable(self) -> bool:

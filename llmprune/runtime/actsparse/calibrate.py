@@ -1,0 +1,245 @@
+"""``llmprune calibrate-act``: TEAL activation-sparsity thresholds from calibration activations.
+
+Layer-by-layer protocol (as :mod:`llmprune.calibration.entropy`): capture the inputs of decoder layer 0, then run
+one decoder layer at a time on ``device``, its *dense* output feeding the next layer. In each layer the inputs of
+the four groups (:data:`~llmprune.runtime.actsparse.thresholds.GROUPS`) feed a uniform sample of ``|x|``
+(:class:`~llmprune.calibration.magnitudes.AbsSample`) through the calibration hooks
+(:func:`llmprune.calibration.collect.collect`), which gives each group's threshold table. With
+``allocation="greedy"`` the layer's group sparsities follow TEAL's greedy path
+(:func:`~llmprune.runtime.actsparse.allocation.greedy_path`) with the block error measured as
+``sum ||y_sparse - y||^2 / sum ||y||^2`` over the first ``greedy_tokens`` calibration tokens (``y``: the dense
+block output, residual included). The result is saved as ``act_thresholds.{json,safetensors}``; in a checkpoint
+directory ``llmprune.json`` records it (``recipe.runtime.act_thresholds`` / ``act_sparsity``) so ``generate``,
+``ppl``, ``eval`` and ``bench`` apply it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmprune.calibration.capture import capture_layer_inputs, run_layer
+from llmprune.calibration.collect import collect
+from llmprune.calibration.data import check_calib_source, clip_seqlen, load_calibration
+from llmprune.calibration.magnitudes import DEFAULT_CAPACITY, AbsSample, threshold_table
+from llmprune.config import CalibConfig, RuntimeConfig
+from llmprune.errors import ConfigError
+from llmprune.formats.checkpoint import read_metadata
+from llmprune.formats.output import METADATA_FILE
+from llmprune.model.access import decoder_layers
+from llmprune.model.device import on_device, resolve_device
+from llmprune.model.loading import DEFAULT_MODEL, load_pretrained, load_tokenizer, parse_dtype, resolve_model
+from llmprune.runtime.actsparse.allocation import greedy_path, uniform_path
+from llmprune.runtime.actsparse.apply import sparsified_layer
+from llmprune.runtime.actsparse.thresholds import (
+    ALLOCATIONS,
+    GROUP_NAMES,
+    JSON_FILE,
+    ActThresholds,
+    group_modules,
+    group_params,
+    interp_table,
+)
+
+log = logging.getLogger(__name__)
+#: Points of every threshold table (sparsity resolution 0.001).
+TABLE_POINTS = 1000
+
+
+@dataclass
+class ActCalibrationResult:
+    """What :func:`calibrate_act` wrote: the JSON path, the thresholds, the checkpoint metadata it updated."""
+
+    path: Path
+    thresholds: ActThresholds
+    recorded_in: Path | None = None
+
+
+def _rel_error(layer: nn.Module, inputs, refs: list[torch.Tensor], batches: int, ts: dict[str, float]) -> float:
+    num = den = 0.0
+    with sparsified_layer(layer, ts):
+        for j in range(batches):
+            y = run_layer(layer, inputs, j).float()
+            r = refs[j].float()
+            num += float(((y - r) ** 2).sum())
+            den += float((r ** 2).sum())
+    return num / max(den, 1e-30)
+
+
+def _grid(target: float, step: float) -> list[float]:
+    """``0, step, 2 step, ..., target`` (the greedy levels when no group hits its cap)."""
+    out = [0.0]
+    while out[-1] < target - 1e-9:
+        out.append(min(target, out[-1] + step))
+    return out
+
+
+def _resample(levels: list[float], path: list[list[float]], grid: list[float]) -> torch.Tensor:
+    """``path`` (group sparsities at ``levels``) linearly interpolated at ``grid``: ``[len(grid), 4]`` fp32."""
+    lv = torch.tensor(levels, dtype=torch.float64)
+    p = torch.tensor(path, dtype=torch.float64)
+    out = []
+    for x in grid:
+        j = min(max(int(torch.searchsorted(lv, torch.tensor(x, dtype=torch.float64), right=True)) - 1, 0),
+                len(levels) - 2)
+        f = min(max((x - levels[j]) / (levels[j + 1] - levels[j]), 0.0), 1.0)
+        out.append(p[j] * (1 - f) + p[j + 1] * f)
+    return torch.stack(out).float()
+
+
+@torch.no_grad()
+def act_threshold_tables(model: nn.Module, input_ids: torch.Tensor, device: torch.device, target: float,
+                         allocation: str = "uniform", *, batch_size: int = 8, greedy_tokens: int = 4096,
+                         step: float = 0.025, capacity: int = DEFAULT_CAPACITY, progress: bool = False
+                         ) -> ActThresholds:
+    """Thresholds of every layer of ``model`` for model-level sparsity ``target`` (see the module doc).
+
+    Args:
+        model: a dense causal LM (Llama-style layers).
+        input_ids: ``[nsamples, seqlen]`` calibration ids.
+        device: where each layer runs.
+        target: model-level (and per-block) sparsity, in ``(0, 1)``.
+        allocation: ``"uniform"`` or ``"greedy"``.
+        batch_size: sequences per forward.
+        greedy_tokens: calibration tokens the greedy block error is measured on (whole batches, at least one).
+        step: greedy block-sparsity step.
+        capacity: ``|x|`` values sampled per group and layer.
+        progress: progress bar over the layers.
+    """
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"--allocation must be uniform or greedy, got {allocation!r}")
+    layers = decoder_layers(model)
+    inputs = capture_layer_inputs(model, input_ids, device, batch_size)
+    per_batch = batch_size * input_ids.shape[1]
+    n_eval = max(1, min(len(inputs), -(-greedy_tokens // per_batch)))
+    tables, paths, params = [], [], []
+    levels_all = None
+    errors = {"greedy": [], "uniform": []}
+    iterator = range(len(layers))
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=f"act thresholds ({allocation})", unit="layer")
+    for i in iterator:
+        layer = layers[i]
+        with on_device([layer], device):
+            groups = group_modules(layer)
+            accs = {g: {"abs": AbsSample(capacity, device, seed=i)} for g in GROUP_NAMES}
+            outs: list[torch.Tensor] = [None] * len(inputs)  # type: ignore[list-item]
+
+            def batch(j: int, layer=layer, outs=outs):
+                def run() -> None:
+                    outs[j] = run_layer(layer, inputs, j)
+
+                return run
+
+            # the members of a group read the same input: one accumulator fed through the first member's hook
+            collect({g: mods[0] for g, mods in groups.items()}, accs, [batch(j) for j in range(len(inputs))])
+            table = torch.stack([threshold_table(accs[g]["abs"].result(), TABLE_POINTS) for g in GROUP_NAMES])
+            w = group_params(layer)
+
+            def error(sp: list[float], table=table, layer=layer, outs=outs) -> float:
+                ts = {g: interp_table(table[gi], sp[gi]) for gi, g in enumerate(GROUP_NAMES)}
+                return _rel_error(layer, inputs, outs, n_eval, ts)
+
+            if allocation == "greedy":
+                levels, path, errs = greedy_path(error, w, target, step)
+                errors["greedy"].append(errs[-1])
+                errors["uniform"].append(error([target] * 4))
+            else:
+                levels, path = uniform_path()
+            if levels_all is None:
+                levels_all = _grid(target, step) if allocation == "greedy" else levels
+            tables.append(table)
+            paths.append(_resample(levels, path, levels_all))
+            params.append(w)
+        inputs.hidden = outs
+    info = {"tokens": int(input_ids.numel()), "sample_capacity": capacity, "table_points": TABLE_POINTS}
+    if allocation == "greedy":
+        info.update(step=step, greedy_tokens=n_eval * per_batch, block_error=errors)
+    return ActThresholds(torch.stack(tables), torch.tensor(levels_all, dtype=torch.float32), torch.stack(paths),
+                         torch.tensor(params, dtype=torch.int64), float(target), allocation, info)
+
+
+def calibrate_act(
+    model_ref: str | None,
+    act_sparsity: float = 0.4,
+    output: str | Path | None = None,
+    *,
+    allocation: str = "uniform",
+    calibration: CalibConfig | None = None,
+    greedy_tokens: int = 4096,
+    step: float = 0.025,
+    device: str | torch.device | None = None,
+    dtype: str = "auto",
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> ActCalibrationResult:
+    """Calibrate activation-sparsity thresholds (TEAL) and save them (see the module doc).
+
+    Output defaults to ``model_ref`` when it is a checkpoint directory; a checkpoint output gets the thresholds
+    recorded in its ``llmprune.json``.
+
+    Raises:
+        ConfigError: on a bad sparsity/allocation/step, or no output for a model that is not a checkpoint.
+    """
+    if isinstance(act_sparsity, bool) or not isinstance(act_sparsity, (int, float)) or not 0 < act_sparsity < 1:
+        raise ConfigError(f"--act-sparsity must be in (0, 1), got {act_sparsity!r}")
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"--allocation must be uniform or greedy, got {allocation!r}")
+    if not 0 < step <= 1:
+        raise ConfigError(f"--step must be in (0, 1], got {step!r}")
+    if isinstance(greedy_tokens, bool) or not isinstance(greedy_tokens, int) or greedy_tokens < 1:
+        raise ConfigError(f"--greedy-tokens must be an integer >= 1, got {greedy_tokens!r}")
+    local = Path(model_ref).expanduser() if model_ref is not None else None
+    is_ckpt = local is not None and local.is_dir() and (local / METADATA_FILE).is_file()
+    if output is None:
+        if not is_ckpt:
+            raise ConfigError(f"{model_ref or DEFAULT_MODEL} is not a checkpoint directory: pass -o DIR for the "
+                              "thresholds")
+        output = local
+    out_dir = Path(output).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"-o {output}: not a directory")
+    cal = calibration or CalibConfig(nsamples=32, seqlen=512)
+    check_calib_source(cal)
+    dev = resolve_device(device)
+    parse_dtype(dtype)
+    resolved = resolve_model(model_ref)
+    tokenizer = load_tokenizer(resolved, trust_remote_code)
+    model = load_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+    cal = clip_seqlen(cal, model.config)
+    ids = load_calibration(cal, tokenizer, model, progress=progress)
+    t0 = time.perf_counter()
+    th = act_threshold_tables(model, ids, dev, float(act_sparsity), allocation, batch_size=cal.batch_size,
+                              greedy_tokens=greedy_tokens, step=step, progress=progress)
+    th.info.update(calibration=cal.to_dict(), model=str(model_ref or DEFAULT_MODEL),
+                   seconds=round(time.perf_counter() - t0, 1))
+    log.info("activation thresholds (%s, %.0f%%): %d layers in %.1fs", allocation, 100 * act_sparsity, th.layers,
+             time.perf_counter() - t0)
+    path = th.save(out_dir)
+    recorded = None
+    if (out_dir / METADATA_FILE).is_file():
+        meta = read_metadata(out_dir) or {}
+        recipe = meta.setdefault("recipe", {})
+        runtime = {n: v for n, v in (recipe.get("runtime") or {}).items()
+                   if n not in ("act_sparsity", "act_thresholds")}  # a recorded act_prefill stays
+        runtime.update(act_sparsity=float(act_sparsity), act_thresholds=JSON_FILE)
+        RuntimeConfig.from_dict(runtime)  # what loading will read back
+        recipe["runtime"] = runtime
+        meta["act_thresholds"] = {"file": JSON_FILE, "allocation": allocation, "act_sparsity": float(act_sparsity),
+                                  "calibration": {"source": cal.source, "nsamples": cal.nsamples,
+                                                  "seqlen": cal.seqlen}}
+        target = out_dir / METADATA_FILE
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, target)
+        recorded = target
+    return ActCalibrationResult(path, th, recorded)
