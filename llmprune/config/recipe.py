@@ -1,0 +1,32 @@
+"""A full compression recipe (:class:`Recipe`): prune stages, calibration, save, runtime and recovery."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmprune.config.base import CalibConfig, PruneConfig, SaveConfig
+from llmprune.config.recovery import RecoveryConfig
+from llmprune.config.runtime import RuntimeConfig
+
+
+@dataclass
+class Recipe:
+    """A full compression recipe: ordered prune stages + calibration + save + runtime (+ recovery)."""
+
+    stages: list[PruneConfig] = field(default_factory=list)
+    calibration: CalibConfig = field(default_factory=CalibConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    recover: RecoveryConfig | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "prune": [{"method": s.method, **s.to_dict()} for s in self.stages],
+            "calibration": self.calibration.to_dict(),
+            "save": self.save.to_dict(),
+            "runtime": self.runtime.to_dict(),
+        }
+        if self.recover is not None:  # absent when off, so recipes without recovery read as before
+            out["recover"] = self.recover.to_dict()
+        return out
