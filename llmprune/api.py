@@ -18,7 +18,7 @@ from torch import nn
 from llmprune.calibration.data import check_calib_source, clip_seqlen, load_calibration_resolved
 from llmprune.config import PruneConfig, Recipe, RecoveryConfig
 from llmprune.engine.layerwise import capture_inputs, default_compute_dtype, prune_layerwise
-from llmprune.engine.preflight import check_model_finite, preflight
+from llmprune.engine.preflight import check_model_finite, preflight, recipe_needs_calibration
 from llmprune.engine.run import model_is_path
 from llmprune.engine.step import check_stages, verify_model
 from llmprune.engine.streaming import (
@@ -193,7 +193,7 @@ def compress(
     opts = StreamOptions(resume=resume, max_memory=max_memory, offload_dir=offload_dir, dist_reduce=dist_reduce)
     check_stream_options(opts)
     check_recovery(recipe.recover, recipe.stages, [method_for_config(s).kind for s in recipe.stages])
-    needs_calib = any(method_for_config(s).needs_calibration for s in recipe.stages) or recipe.recover is not None
+    needs_calib = recipe_needs_calibration(recipe)
     if needs_calib:
         check_calib_source(recipe.calibration)
     fmt = get_format(recipe.save.format)

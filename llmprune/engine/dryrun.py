@@ -26,7 +26,7 @@ import torch
 
 from llmprune.calibration.data import check_calib_source, hub_offline
 from llmprune.config import Recipe
-from llmprune.engine.preflight import meta_model, preflight
+from llmprune.engine.preflight import meta_model, preflight, recipe_needs_calibration
 from llmprune.engine.streaming import use_streaming
 from llmprune.engine.workdir import finished_output
 from llmprune.formats.checkpoint import check_output, get_format
@@ -76,7 +76,7 @@ def plan_compress(model_ref: str | None, recipe: Recipe, output: str | Path, *, 
     Raises:
         LlmpruneError: whatever the real run would refuse before loading the model.
     """
-    needs_calib = any(method_for_config(s).needs_calibration for s in recipe.stages)
+    needs_calib = recipe_needs_calibration(recipe)
     if needs_calib:
         check_calib_source(recipe.calibration)
     fmt = get_format(recipe.save.format)

@@ -25,6 +25,11 @@ from llmprune.prune.registry import method_for_config
 log = logging.getLogger(__name__)
 
 
+def recipe_needs_calibration(recipe: Recipe) -> bool:
+    """True when a stage's method or the recovery stage reads calibration text (the data is loaded at all)."""
+    return any(method_for_config(s).needs_calibration for s in recipe.stages) or recipe.recover is not None
+
+
 def check_model_finite(model: nn.Module, patterns: tuple[str, ...]) -> None:
     """Before a whole-model method: no linear of the decoder layers it may prune holds NaN/inf."""
     prefix = decoder_layers_path(model)

@@ -15,9 +15,7 @@ directory ``llmprune.json`` records it (``recipe.runtime.act_thresholds`` / ``ac
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +25,12 @@ from torch import nn
 
 from llmprune.calibration.capture import capture_layer_inputs, run_layer
 from llmprune.calibration.collect import collect
-from llmprune.calibration.data import check_calib_source, clip_seqlen, load_calibration
 from llmprune.calibration.magnitudes import DEFAULT_CAPACITY, AbsSample, threshold_table
-from llmprune.config import CalibConfig, RuntimeConfig
+from llmprune.config import CalibConfig
 from llmprune.errors import ConfigError
-from llmprune.formats.checkpoint import read_metadata
-from llmprune.formats.output import METADATA_FILE
 from llmprune.model.access import decoder_layers
-from llmprune.model.device import on_device, resolve_device
-from llmprune.model.loading import DEFAULT_MODEL, load_pretrained, load_tokenizer, parse_dtype, resolve_model
+from llmprune.model.device import on_device
+from llmprune.model.loading import DEFAULT_MODEL
 from llmprune.runtime.actsparse.allocation import greedy_path, uniform_path
 from llmprune.runtime.actsparse.apply import sparsified_layer
 from llmprune.runtime.actsparse.thresholds import (
@@ -47,6 +42,7 @@ from llmprune.runtime.actsparse.thresholds import (
     group_params,
     interp_table,
 )
+from llmprune.runtime.calibrate_run import prepare_calibration_run, record_in_checkpoint
 
 log = logging.getLogger(__name__)
 #: Points of every threshold table (sparsity resolution 0.001).
@@ -198,48 +194,20 @@ def calibrate_act(
         raise ConfigError(f"--step must be in (0, 1], got {step!r}")
     if isinstance(greedy_tokens, bool) or not isinstance(greedy_tokens, int) or greedy_tokens < 1:
         raise ConfigError(f"--greedy-tokens must be an integer >= 1, got {greedy_tokens!r}")
-    local = Path(model_ref).expanduser() if model_ref is not None else None
-    is_ckpt = local is not None and local.is_dir() and (local / METADATA_FILE).is_file()
-    if output is None:
-        if not is_ckpt:
-            raise ConfigError(f"{model_ref or DEFAULT_MODEL} is not a checkpoint directory: pass -o DIR for the "
-                              "thresholds")
-        output = local
-    out_dir = Path(output).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"-o {output}: not a directory")
-    cal = calibration or CalibConfig(nsamples=32, seqlen=512)
-    check_calib_source(cal)
-    dev = resolve_device(device)
-    parse_dtype(dtype)
-    resolved = resolve_model(model_ref)
-    tokenizer = load_tokenizer(resolved, trust_remote_code)
-    model = load_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
-    cal = clip_seqlen(cal, model.config)
-    ids = load_calibration(cal, tokenizer, model, progress=progress)
+    run = prepare_calibration_run(model_ref, output, "the thresholds", calibration, device, dtype,
+                                  trust_remote_code, progress)
+    out_dir, cal = run.out_dir, run.calibration
     t0 = time.perf_counter()
-    th = act_threshold_tables(model, ids, dev, float(act_sparsity), allocation, batch_size=cal.batch_size,
+    th = act_threshold_tables(run.model, run.ids, run.device, float(act_sparsity), allocation,
+                              batch_size=cal.batch_size,
                               greedy_tokens=greedy_tokens, step=step, progress=progress)
     th.info.update(calibration=cal.to_dict(), model=str(model_ref or DEFAULT_MODEL),
                    seconds=round(time.perf_counter() - t0, 1))
     log.info("activation thresholds (%s, %.0f%%): %d layers in %.1fs", allocation, 100 * act_sparsity, th.layers,
              time.perf_counter() - t0)
     path = th.save(out_dir)
-    recorded = None
-    if (out_dir / METADATA_FILE).is_file():
-        meta = read_metadata(out_dir) or {}
-        recipe = meta.setdefault("recipe", {})
-        runtime = {n: v for n, v in (recipe.get("runtime") or {}).items()
-                   if n not in ("act_sparsity", "act_thresholds")}  # a recorded act_prefill stays
-        runtime.update(act_sparsity=float(act_sparsity), act_thresholds=JSON_FILE)
-        RuntimeConfig.from_dict(runtime)  # what loading will read back
-        recipe["runtime"] = runtime
-        meta["act_thresholds"] = {"file": JSON_FILE, "allocation": allocation, "act_sparsity": float(act_sparsity),
-                                  "calibration": {"source": cal.source, "nsamples": cal.nsamples,
-                                                  "seqlen": cal.seqlen}}
-        target = out_dir / METADATA_FILE
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, target)
-        recorded = target
+    recorded = record_in_checkpoint(  # a recorded act_prefill stays
+        out_dir, ("act_sparsity", "act_thresholds"), dict(act_sparsity=float(act_sparsity), act_thresholds=JSON_FILE),
+        "act_thresholds", {"file": JSON_FILE, "allocation": allocation, "act_sparsity": float(act_sparsity),
+                           "calibration": {"source": cal.source, "nsamples": cal.nsamples, "seqlen": cal.seqlen}})
     return ActCalibrationResult(path, th, recorded)

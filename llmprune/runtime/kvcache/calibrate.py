@@ -7,9 +7,7 @@ in ``llmprune.json`` so the runtime options pick it up.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +15,11 @@ from typing import Any
 
 import torch
 
-from llmprune.calibration.data import check_calib_source, clip_seqlen, load_calibration
 from llmprune.calibration.entropy import kv_entropy_scores
 from llmprune.config import CalibConfig, RuntimeConfig
 from llmprune.errors import ConfigError
-from llmprune.formats.checkpoint import read_metadata
-from llmprune.formats.output import METADATA_FILE
-from llmprune.model.device import resolve_device
-from llmprune.model.loading import DEFAULT_MODEL, load_pretrained, load_tokenizer, parse_dtype, resolve_model
+from llmprune.model.loading import DEFAULT_MODEL
+from llmprune.runtime.calibrate_run import prepare_calibration_run, record_in_checkpoint
 from llmprune.runtime.kvcache.budgets import BUDGETS_FILE, make_budgets
 
 log = logging.getLogger(__name__)
@@ -80,26 +75,11 @@ def calibrate_kv(
     make_kw = dict(per=per, power=power, min_sparsity=min_sparsity, max_sparsity=max_sparsity)
     for s in (k, v):  # bounds and mapping checked before loading anything
         make_budgets([[1.0]], [[1.0]], 64, s, s, **make_kw)
-    local = Path(model_ref).expanduser() if model_ref is not None else None
-    is_ckpt = local is not None and local.is_dir() and (local / METADATA_FILE).is_file()
-    if output is None:
-        if not is_ckpt:
-            raise ConfigError(f"{model_ref or DEFAULT_MODEL} is not a checkpoint directory: pass -o DIR for the budgets")
-        output = local
-    out_dir = Path(output).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"-o {output}: not a directory")
-    cal = calibration or CalibConfig(nsamples=32, seqlen=512)
-    check_calib_source(cal)
-    dev = resolve_device(device)
-    parse_dtype(dtype)
-    resolved = resolve_model(model_ref)
-    tokenizer = load_tokenizer(resolved, trust_remote_code)
-    model = load_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
-    cal = clip_seqlen(cal, model.config)
-    ids = load_calibration(cal, tokenizer, model, progress=progress)
+    run = prepare_calibration_run(model_ref, output, "the budgets", calibration, device, dtype, trust_remote_code,
+                                  progress)
+    out_dir, cal = run.out_dir, run.calibration
     t0 = time.perf_counter()
-    scores = kv_entropy_scores(model, ids, dev, batch_size=cal.batch_size, progress=progress)
+    scores = kv_entropy_scores(run.model, run.ids, run.device, batch_size=cal.batch_size, progress=progress)
     log.info("kv entropy scores: %d layers x %d heads in %.1fs", len(scores.k), len(scores.k[0]),
              time.perf_counter() - t0)
     budgets = make_budgets(scores.k, scores.v, scores.head_dim, k, v, allocation=allocation,
@@ -109,20 +89,9 @@ def calibrate_kv(
                            **(make_kw if allocation == "entropy" else {}))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = budgets.save(out_dir / BUDGETS_FILE)
-    recorded = None
-    if (out_dir / METADATA_FILE).is_file():
-        meta = read_metadata(out_dir) or {}
-        recipe = meta.setdefault("recipe", {})
-        runtime = {n: val for n, val in (recipe.get("runtime") or {}).items() if n not in RuntimeConfig.KV_FIELDS}
-        runtime.update(kv_k_sparsity=float(k), kv_v_sparsity=float(v), kv_allocation=BUDGETS_FILE)
-        RuntimeConfig.from_dict(runtime)  # what loading will read back
-        recipe["runtime"] = runtime
-        meta["kv_budgets"] = {"file": BUDGETS_FILE, "allocation": allocation, "k_sparsity": float(k),
-                              "v_sparsity": float(v), "per": per, "power": power,
-                              "calibration": {"source": cal.source, "nsamples": cal.nsamples, "seqlen": cal.seqlen}}
-        target = out_dir / METADATA_FILE
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, target)
-        recorded = target
+    recorded = record_in_checkpoint(
+        out_dir, RuntimeConfig.KV_FIELDS, dict(kv_k_sparsity=float(k), kv_v_sparsity=float(v), kv_allocation=BUDGETS_FILE),
+        "kv_budgets", {"file": BUDGETS_FILE, "allocation": allocation, "k_sparsity": float(k), "v_sparsity": float(v),
+                       "per": per, "power": power,
+                       "calibration": {"source": cal.source, "nsamples": cal.nsamples, "seqlen": cal.seqlen}})
     return KVCalibrationResult(path, budgets, recorded)
