@@ -486,12 +486,12 @@ def bench_kv_bitmap(p: dict, gen, bw: float) -> dict:
     dtype = torch.bfloat16
     args, _, _, k, v = bitmap_cache(p["context"], p["sparsity"], dtype, gen)
     dense_b = 2 * k.numel() * 2
-    ours_b = sum(t.numel() * t.element_size() for t in args[:8])
+    ours_b = sum(t.numel() * t.element_size() for t in args[:8] if t is not None)  # format 2: no offsets (None)
     budget = free_budget()
     r_dense = copies_for(dense_b, dense_b, budget // 2)
     r_ours = copies_for(ours_b, ours_b, budget // 2)
     ks, vs = [k] + [k.clone() for _ in range(r_dense - 1)], [v] + [v.clone() for _ in range(r_dense - 1)]
-    caches = [args] + [[t.clone() for t in args[:8]] + [args[8]] for _ in range(r_ours - 1)]
+    caches = [args] + [[None if t is None else t.clone() for t in args[:8]] + [args[8]] for _ in range(r_ours - 1)]
     q4 = torch.randn(ATTN["batch"], ATTN["hq"], 1, ATTN["d"], device="cuda", generator=gen).to(dtype)
     o = torch.empty_like(q4)
     row = dict(bytes=dict(dense=dense_b, ours=ours_b, ratio=ours_b / dense_b))

@@ -359,21 +359,25 @@ def sparse24_call(n: int, k: int, m: int = 1, dtype=torch.bfloat16):
 
 
 def kv_bitmap_layout(context: int, sparsity: float, window: int = 32, d: int = 128) -> dict:
-    """Token counts and keep count of the bitmap cache at ``context`` tokens."""
-    from llmprune.formats.bitmap import keep_count
+    """Token counts, keep count and metadata bytes per tile (format 2) of the bitmap cache at ``context`` tokens."""
+    from llmprune.formats.bitmap import TILE_WORD_BYTES, keep_count
 
-    return dict(n_compressed=context - window, window=window, keep=keep_count(d, sparsity), tiles=d // 64)
+    return dict(n_compressed=context - window, window=window, keep=keep_count(d, sparsity), tiles=d // 64,
+                meta=TILE_WORD_BYTES)
 
 
-def kv_bitmap_call(sparsity: float = 0.7, dtype=torch.bfloat16, block_n: int | None = None, **shape):
+def kv_bitmap_call(sparsity: float = 0.7, dtype=torch.bfloat16, block_n: int | None = None, version: int = 2,
+                   **shape):
+    """The bitmap-KV launcher on a cache of ``context`` tokens: format-2 rows (bitmap + values, offsets derived;
+    what the cache writes with one keep count per head) or, ``version=1``, with stored offsets."""
     s = {**ATTN, **shape}
     lay = kv_bitmap_layout(s["context"], sparsity, d=s["d"])
     B, H, d, tc, w = s["batch"], s["hkv"], s["d"], lay["n_compressed"], lay["window"]
 
     def call(mod):
         nt = tc * d // 64
-        rows = [meta(B, H, nt, dtype=torch.int64), meta(B, H, nt, dtype=torch.int32),
-                meta(B, H, tc * lay["keep"], dtype=dtype)]
+        offsets = meta(B, H, nt, dtype=torch.int32) if version == 1 else None
+        rows = [meta(B, H, nt, dtype=torch.int64), offsets, meta(B, H, tc * lay["keep"], dtype=dtype)]
         kw = {} if block_n is None else {"block_n": block_n}
         mod.kv_bitmap_attention(meta(B, s["hq"], 1, d, dtype=dtype), *rows, *rows, meta(B, H, w, d, dtype=dtype),
                                 meta(B, H, w, d, dtype=dtype), tc, **kw)

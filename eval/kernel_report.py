@@ -60,7 +60,8 @@ def _iter_bytes(kind: str, c) -> float:
         return (1 - ACT_SPARSITY) * k["BLOCK_K"] * k["BLOCK_N"] * 2 + k["BLOCK_M"] * k["BLOCK_K"] * 2
     if kind == "kv_bitmap":
         lay = kc.kv_bitmap_layout(kc.ATTN["context"], KV_SPARSITY, d=k["D"])
-        return 2 * k["BLOCK_N"] * (lay["tiles"] * 12 + lay["keep"] * 2)
+        meta = lay["meta"] if k.get("K_KEEP") else 12  # format 2 (derived offsets) or 1 (stored int32 offsets)
+        return 2 * k["BLOCK_N"] * (lay["tiles"] * meta + lay["keep"] * 2)
     return 2 * k["BLOCK_N"] * k["HEAD_D"] * 2
 
 
@@ -71,7 +72,8 @@ def _config(kind: str, c) -> str:
     if kind == "act_sparse":
         return f"bn={k['BLOCK_N']} bk={k['BLOCK_K']} split={k['SPLIT_K']} w={c.num_warps}"
     if kind == "kv_bitmap":  # grid (B * Hkv, splits + 1): the last program takes the dense window
-        return f"bn={k['BLOCK_N']} splits={c.grid[1] - 1}+1 w={c.num_warps}"
+        fmt = 2 if k.get("K_KEEP") else 1  # bitmap format: 2 = offsets derived (not stored), 1 = stored offsets
+        return f"bn={k['BLOCK_N']} splits={c.grid[1] - 1}+1 w={c.num_warps} fmt={fmt}"
     return f"bn={k['BLOCK_N']} splits={k['NUM_SPLITS']} w={c.num_warps}"
 
 
@@ -91,7 +93,7 @@ def roofline() -> list[dict]:
     a = kc.ATTN
     dense_kv = 2 * a["batch"] * a["hkv"] * a["context"] * a["d"] * 2
     lay = kc.kv_bitmap_layout(a["context"], KV_SPARSITY, d=a["d"])
-    per_tok = 2 * (lay["tiles"] * 12 + lay["keep"] * 2)
+    per_tok = 2 * (lay["tiles"] * lay["meta"] + lay["keep"] * 2)  # format 2: bitmap words + kept values
     ours_kv = a["batch"] * a["hkv"] * (lay["n_compressed"] * per_tok + 2 * lay["window"] * a["d"] * 2)
     rows.append(dict(kind="kv_bitmap", label=KV_LABEL, point=f"bitmap KV {KV_SPARSITY:.0%} / {a['context'] // 1024}k", dense=dense_kv,
                      ours=ours_kv))

@@ -18,12 +18,22 @@ MAX_SPLITS = 63
 BLOCK_N_RANGE = (16, 128)
 
 
+def default_block_n(head_dim: int) -> int:
+    """Tokens per step: 64 (32 at ``head_dim`` 256, whose dense block would not leave room for 2 CTAs/SM)."""
+    return 32 if head_dim > 128 else 64
+
+
 def kv_bitmap_config(batch: int, kv_heads: int, group: int, queries: int, n_compressed: int, head_dim: int, *,
-                     num_sms: int, block_n: int = 32, num_splits: int | None = None) -> dict:
-    """The launcher's config (pure, no device needed): block, splits over the compressed part, warps.
+                     num_sms: int, block_n: int | None = None, num_splits: int | None = None, k_keep: int = 0,
+                     v_keep: int = 0) -> dict:
+    """The launcher's config (pure, no device needed): block, splits over the compressed part, warps, stages.
 
     Splits: enough programs (``batch * kv_heads * (S + 1)``) to give every SM two, at most one per block.
+    ``k_keep`` / ``v_keep``: values per token of a format-2 row (0: version 1, stored offsets); a format-2 block's
+    values are one run of ``block_n * keep`` values, held in a register tile of ``K_CHUNK`` / ``V_CHUNK`` (the
+    next power of two above, so its last entry is a zero the dropped elements read).
     """
+    block_n = default_block_n(head_dim) if block_n is None else block_n
     n_blocks = triton.cdiv(n_compressed, block_n)
     programs = batch * kv_heads
     if num_splits is None:
@@ -33,9 +43,13 @@ def kv_bitmap_config(batch: int, kv_heads: int, group: int, queries: int, n_comp
     S = max(1, min(S, max(1, n_blocks)))
     blocks_per_split = triton.cdiv(max(n_blocks, 1), S)
     S = triton.cdiv(max(n_blocks, 1), blocks_per_split)
+    def chunk(keep: int) -> int:
+        return triton.next_power_of_2(block_n * keep + 1) if keep else 1
+
     return dict(BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(group * queries)), NUM_SPLITS=S,
                 BLOCKS_PER_SPLIT=blocks_per_split, PARTS_PAD=triton.next_power_of_2(S + 1), D=head_dim,
-                num_warps=4 if head_dim <= 64 else 8)
+                K_KEEP=k_keep, V_KEEP=v_keep, K_CHUNK=chunk(k_keep), V_CHUNK=chunk(v_keep),
+                num_warps=8 if head_dim > 128 else 4, num_stages=2)
 
 
 def shared_bytes(cfg: dict, itemsize: int) -> int:

@@ -1,25 +1,32 @@
 """Decode attention over a bitmap-compressed KV cache (Mustafar-style), with split-K over the sequence.
 
 Inputs (layout documented in :mod:`llmprune.formats.bitmap`): per (batch, KV head) row, the first ``n_compressed`` tokens
-of K and of V as ``bitmap`` (int64, one word per 64-element tile, ``head_dim / 64`` tiles per token), ``offsets``
-(int32, index of each tile's first kept value) and ``values`` (kept values, element order); then a dense window
-``[B, Hkv, W, d]`` of the most recent tokens. The ``M`` queries ``q [B, Hq, M, d]`` are the last ``M`` window tokens
-(causal among themselves); ``Hq = G * Hkv`` (GQA; ``G = 1`` is MHA, ``Hkv = 1`` MQA).
+of K and of V as ``bitmap`` (int64, one word per 64-element tile, ``head_dim / 64`` tiles per token) and ``values``
+(kept values, element order), plus, for format version 1 only, ``offsets`` (int32, index of each tile's first kept
+value); then a dense window ``[B, Hkv, W, d]`` of the most recent tokens. The ``M`` queries ``q [B, Hq, M, d]`` are
+the last ``M`` window tokens (causal among themselves); ``Hq = G * Hkv`` (GQA; ``G = 1`` is MHA, ``Hkv = 1`` MQA).
 
 Kernel (one launch per call): grid ``(B * Hkv, S + 1)``. A program owns one KV head and all its ``G * M`` query
 rows (so each K/V tile is decoded once per group), padded to ``BLOCK_R >= 16`` rows for ``tl.dot``. Programs
 ``0..S-1`` each take a contiguous range of ``BLOCK_N``-token blocks of the compressed part; program ``S`` takes the
-dense window. Per block it loads the bitmap words and offsets ``[BLOCK_N, d / 64]``, splits each word into two 32-bit
-halves, ranks each kept element by ``popcount(half & (2**i - 1))`` (the ``POPC`` instruction; no prefix sum across
-lanes), gathers ``values[offset + rank]`` (zero where the bit is clear), and runs an online softmax (``exp2``, fp32
-state) with ``S = q K^T`` and ``acc += P V`` on tensor cores, fp32 accumulate. Each program stores the ``G * M`` real
-rows of its unnormalised partial ``(m, l, acc)`` and bumps the head's arrival counter; the last of the ``S + 1`` to
-arrive merges them (log-sum-exp rescaling), writes the output in the query dtype and resets the counter.
+dense window. Format version 2 (every token keeps exactly ``k`` values, offsets not stored): the values of a block
+are one contiguous run, loaded as 16-byte vectors (``cp.async``, software-pipelined by ``tl.range(num_stages)``
+so the next block's bitmap words and values are in flight while this one is decoded); each token's halves start at
+``t * k`` plus the popcounts of its earlier 32-bit halves, each kept element's rank is one ``POPC`` of the half
+shifted so the element's bit is the sign (no prefix sum across lanes), and the dense block is gathered from the
+register tile (``tl.gather``). Whole blocks run unmasked; the row's last partial block runs once, masked. Version 1
+(stored offsets: per-head keep counts sharing one values buffer) gathers each value from global memory at
+``offsets[tile] + rank``. Then an online softmax (``exp2``, fp32 state) with ``S = q K^T`` and ``acc += P V`` on
+tensor cores, fp32 accumulate. Each program stores the ``G * M`` real rows of its unnormalised partial
+``(m, l, acc)`` and bumps the head's arrival counter; the last of the ``S + 1`` to arrive merges them (log-sum-exp
+rescaling), writes the output in the query dtype and resets the counter.
 
-Known limit: the values are still gathered 2 bytes at a time behind dependent metadata loads,
-with no ``cp.async`` pipelining; the compile-level report (``eval/results/kernel_report.md``) puts the main loop's
-issue ceiling near 1.2 TB/s on sm_90, below what 2.2x dense SDPA needs. :func:`kv_bitmap_config` is the launcher's
-config as a pure function; :func:`check_config` refuses block sizes and shared memory the GPU cannot take.
+Known limit: the expansion is still element by element (shift, popcount, select, a shared-memory gather, about
+7.5 SASS per dense element; 1253 per 64-token iteration on sm_90 at the default config), so the compile-level report
+(``eval/results/kernel_report.md``) puts the main loop's issue ceiling near 2.5 TB/s of compressed bytes on sm_90
+(1.2 before format 2), below the ~3.8 TB/s that 2.2x dense SDPA needs on an H200. :func:`kv_bitmap_config` is
+the launcher's config as a pure function; :func:`check_config` refuses block sizes and shared memory the GPU cannot
+take.
 
 ``kv_bitmap_attention_ref`` is the plain-torch reference (unpack, concatenate the window, softmax in fp32).
 """
@@ -29,13 +36,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from llmprune.formats.bitmap import TILE, unpack_by_offsets
+from llmprune.formats.bitmap import TILE, token_offsets, unpack_by_offsets
 
 from ._combine import merge_partial_row
 from ._device import arrival_counters, device_info
 from ._kv_bitmap_config import BLOCK_N_RANGE, MAX_SPLITS, check_config, kv_bitmap_config, shared_bytes  # noqa: F401
+from ._kv_bitmap_decode import decode_block
 
 _LOG2E = 1.4426950408889634
 
@@ -46,39 +53,34 @@ assert TILE == 64
 
 
 @triton.jit
-def _popcount32(x, HW_POPC: tl.constexpr):
-    """Set bits of each int32 ``x``: the ``POPC`` instruction on the GPU, SWAR bit arithmetic elsewhere."""
-    if HW_POPC:
-        return libdevice.popc(x)
-    x = x - ((x >> 1) & 0x55555555)  # arithmetic shifts are safe: the masks clear the sign-filled bits
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    return (x + (x >> 8) + (x >> 16) + (x >> 24)) & 0x3F
+def _scores(q, k, s_ok, m_i, l_i, qk_scale, MASKED: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax step over one block: ``(p [R, BLOCK_N], alpha [R], m_new, l_new)`` (``exp2``, fp32)."""
+    if DOT_FP32:
+        k = k.to(tl.float32)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+    if MASKED:
+        s = tl.where(s_ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if MASKED:  # a row may have seen nothing yet (left padding): keep exp2 finite
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
-def _decode_bitmap_block(bm_ptr, off_ptr, val_ptr, offs_n, n_ok, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HW_POPC: tl.constexpr):
-    """Dense ``[BLOCK_N, D]`` block of tokens ``offs_n`` from one row's bitmap/offsets/values (zeros if pruned).
-
-    Each 64-bit tile word is taken as two 32-bit halves; the rank of kept element ``i`` of a half is
-    ``popcount(half & (2**i - 1))`` (plus the low half's popcount for the high half): no prefix sum across lanes.
-    """
-    TPT: tl.constexpr = D // 64
-    tiles = offs_n[:, None] * TPT + tl.arange(0, TPT)[None, :]  # [BLOCK_N, TPT]
-    words = tl.load(bm_ptr + tiles, mask=n_ok[:, None], other=0)
-    starts = tl.load(off_ptr + tiles, mask=n_ok[:, None], other=0)
-    lo = words.to(tl.int32)
-    hi = (words >> 32).to(tl.int32)
-    halves = tl.join(lo, hi)  # [BLOCK_N, TPT, 2]
-    first = tl.join(starts, starts + _popcount32(lo, HW_POPC))  # index of each half's first kept value
-    bitpos = tl.arange(0, 32)
-    below = (tl.full((32,), 1, tl.int32) << bitpos) - 1  # bits under position i (2**31 - 1 wraps right)
-    h4 = halves[:, :, :, None]
-    kept = ((h4 >> bitpos[None, None, None, :]) & 1) != 0  # [BLOCK_N, TPT, 2, 32]
-    rank = _popcount32(h4 & below[None, None, None, :], HW_POPC)
-    vals = tl.load(val_ptr + (first[:, :, :, None] + rank), mask=kept & n_ok[:, None, None, None], other=0.0)
-    return tl.reshape(vals, (BLOCK_N, D))
+def _accumulate(acc, p, alpha, v, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    if DOT_FP32:
+        v = v.to(tl.float32)
+    if IEEE:
+        return acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
 @triton.jit
@@ -92,6 +94,8 @@ def _kv_bitmap_attention_kernel(
     s_kwb, s_kwh, s_kwt, s_vwb, s_vwh, s_vwt,
     s_mb, s_ob, s_oh, s_om,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PARTS_PAD: tl.constexpr,
+    K_KEEP: tl.constexpr, V_KEEP: tl.constexpr, K_CHUNK: tl.constexpr, V_CHUNK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -124,33 +128,30 @@ def _kv_bitmap_attention_kernel(
         vv = vv_ptr + b64 * s_vvb + h64 * s_vvh
         n_start = pid_s * BLOCKS_PER_SPLIT * BLOCK_N
         n_end = tl.minimum(n_start + BLOCKS_PER_SPLIT * BLOCK_N, T_C)
-        for n0 in range(n_start, n_end, BLOCK_N):
+        n_full = (n_end - n_start) // BLOCK_N
+        # Main loop over whole blocks: no token mask, so the value runs load as 16-byte vectors; software-pipelined
+        # (the next block's bitmap words and values are in flight while this one is expanded).
+        for it in tl.range(0, n_full, num_stages=NUM_STAGES):
+            n0 = n_start + it * BLOCK_N
+            k = decode_block(kb, ko, kv, n0, n_end, K_KEEP, K_CHUNK, D, BLOCK_N, False, HW_POPC)
+            if HAS_MASK:
+                s_ok = (tl.load(mask_ptr + b64 * s_mb + n0 + tl.arange(0, BLOCK_N)) != 0)[None, :]
+                p, alpha, m_i, l_i = _scores(q, k, s_ok, m_i, l_i, qk_scale, True, DOT_FP32, IEEE)
+            else:
+                p, alpha, m_i, l_i = _scores(q, k, True, m_i, l_i, qk_scale, False, DOT_FP32, IEEE)
+            v = decode_block(vb, vo, vv, n0, n_end, V_KEEP, V_CHUNK, D, BLOCK_N, False, HW_POPC)
+            acc = _accumulate(acc, p, alpha, v, DOT_FP32, IEEE)
+        n0 = n_start + n_full * BLOCK_N
+        if n0 < n_end:  # the row's last, partial block (only the last split has one)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < n_end
-            k = _decode_bitmap_block(kb, ko, kv, offs_n, n_ok, D, BLOCK_N, HW_POPC)
-            if DOT_FP32:
-                k = k.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            valid = n_ok
+            k = decode_block(kb, ko, kv, n0, n_end, K_KEEP, K_CHUNK, D, BLOCK_N, True, HW_POPC)
+            s_ok = n_ok
             if HAS_MASK:
-                valid = valid & (tl.load(mask_ptr + b64 * s_mb + offs_n, mask=n_ok, other=0) != 0)
-            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = _decode_bitmap_block(vb, vo, vv, offs_n, n_ok, D, BLOCK_N, HW_POPC)
-            if DOT_FP32:
-                v = v.to(tl.float32)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+                s_ok = s_ok & (tl.load(mask_ptr + b64 * s_mb + offs_n, mask=n_ok, other=0) != 0)
+            p, alpha, m_i, l_i = _scores(q, k, s_ok[None, :], m_i, l_i, qk_scale, True, DOT_FP32, IEEE)
+            v = decode_block(vb, vo, vv, n0, n_end, V_KEEP, V_CHUNK, D, BLOCK_N, True, HW_POPC)
+            acc = _accumulate(acc, p, alpha, v, DOT_FP32, IEEE)
     else:
         kw = kw_ptr + b64 * s_kwb + h64 * s_kwh
         vw = vw_ptr + b64 * s_vwb + h64 * s_vwh
@@ -158,31 +159,14 @@ def _kv_bitmap_attention_kernel(
             offs_t = t0 + tl.arange(0, BLOCK_N)
             t_ok = offs_t < W
             k = tl.load(kw + offs_t[:, None].to(tl.int64) * s_kwt + offs_d[None, :], mask=t_ok[:, None], other=0.0)
-            if DOT_FP32:
-                k = k.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
             # causal among the new tokens: query qpos sits at window index W - M + qpos
-            valid = t_ok[None, :] & (offs_t[None, :] <= (W - M + qpos)[:, None])
+            s_ok = t_ok[None, :] & (offs_t[None, :] <= (W - M + qpos)[:, None])
             if HAS_MASK:
                 mk = tl.load(mask_ptr + b64 * s_mb + T_C + offs_t, mask=t_ok, other=0) != 0
-                valid = valid & mk[None, :]
-            s = tl.where(valid, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+                s_ok = s_ok & mk[None, :]
+            p, alpha, m_i, l_i = _scores(q, k, s_ok, m_i, l_i, qk_scale, True, DOT_FP32, IEEE)
             v = tl.load(vw + offs_t[:, None].to(tl.int64) * s_vwt + offs_d[None, :], mask=t_ok[:, None], other=0.0)
-            if DOT_FP32:
-                v = v.to(tl.float32)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            acc = _accumulate(acc, p, alpha, v, DOT_FP32, IEEE)
 
     # Combine in the same launch: each of the NUM_SPLITS + 1 programs of this KV head stores the G * M real rows of
     # its partial (m, l, acc) and bumps the head's arrival counter; the last to arrive merges them row by row
@@ -223,13 +207,37 @@ def _check_row(name: str, t: torch.Tensor, B: int, H: int, dtype, min_len: int, 
         raise ValueError(f"{name} must be contiguous in its last dimension")
 
 
+def _row_keep(which: str, offsets, values: torch.Tensor, keep: int | None, n_compressed: int, d: int) -> int:
+    """The per-token keep count of a format-2 row (0: version 1, read through ``offsets``)."""
+    if offsets is not None:
+        if keep is not None:
+            raise ValueError(f"{which}_keep is for format-2 rows (no offsets); {which}_offsets were given")
+        return 0
+    if values.shape[1] > 1 and values.stride(1) == 0:
+        raise ValueError(f"{which}_values is one buffer shared by the heads: that layout needs {which}_offsets "
+                         "(format version 1)")
+    if n_compressed == 0:
+        return keep or 1
+    if keep is None:
+        if values.shape[2] % n_compressed:
+            raise ValueError(f"format-2 {which}_values must hold n_compressed * keep = {n_compressed} * k values, "
+                             f"got {values.shape[2]} (pass {which}_keep, or {which}_offsets for version 1)")
+        keep = values.shape[2] // n_compressed
+    if not 1 <= keep <= d or values.shape[2] < n_compressed * keep:
+        raise ValueError(f"{which}_keep = {keep}: need 1 <= keep <= {d} and {which}_values of at least "
+                         f"{n_compressed} * keep entries, got {values.shape[2]}")
+    if n_compressed * keep >= 2**31:
+        raise ValueError(f"{which}: {n_compressed} tokens x {keep} values per row exceed the kernel's int32 indices")
+    return keep
+
+
 def kv_bitmap_attention(
     q: torch.Tensor,
     k_bitmap: torch.Tensor,
-    k_offsets: torch.Tensor,
+    k_offsets: torch.Tensor | None,
     k_values: torch.Tensor,
     v_bitmap: torch.Tensor,
-    v_offsets: torch.Tensor,
+    v_offsets: torch.Tensor | None,
     v_values: torch.Tensor,
     k_window: torch.Tensor,
     v_window: torch.Tensor,
@@ -239,14 +247,18 @@ def kv_bitmap_attention(
     kv_mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_n: int = 32,
+    block_n: int | None = None,
+    k_keep: int | None = None,
+    v_keep: int | None = None,
 ) -> torch.Tensor:
     """``softmax(q K^T * scale) V`` for the last ``M`` tokens over bitmap-compressed K/V plus a dense window.
 
     Args:
         q: ``[B, Hq, M, d]`` fp16/bf16/fp32, ``d`` in 64/128/256, ``M <= 16`` and ``M <= W``.
         k_bitmap, v_bitmap: ``[B, Hkv, >= n_compressed * d / 64]`` int64.
-        k_offsets, v_offsets: same shape, int32.
+        k_offsets, v_offsets: same shape, int32 (format version 1), or None (version 2: every token keeps exactly
+            ``k`` values, stored contiguously; ``k`` is ``k_keep`` / ``v_keep`` or ``values.shape[-1] /
+            n_compressed``).
         k_values, v_values: ``[B, Hkv, nvals]`` in ``q.dtype``.
         k_window, v_window: ``[B, Hkv, W, d]`` (the queries are the last ``M`` of these tokens).
         n_compressed: tokens held in the bitmaps.
@@ -254,6 +266,8 @@ def kv_bitmap_attention(
         kv_mask: optional ``[B, n_compressed + W]`` (bool/int; nonzero = attend), e.g. left padding.
         out: optional ``[B, Hq, M, d]`` output in ``q.dtype`` (overwritten).
         num_splits: split-K programs over the compressed part (default: enough to fill the GPU).
+        block_n: tokens per step (default: :func:`kv_bitmap_config`'s).
+        k_keep, v_keep: values per token of a format-2 row (default: inferred as above).
 
     Returns:
         ``[B, Hq, M, d]`` in ``q.dtype``.
@@ -286,10 +300,13 @@ def kv_bitmap_attention(
     n_tiles = n_compressed * d // TILE
     _check_row("k_bitmap", k_bitmap, B, Hkv, torch.int64, n_tiles, dev)
     _check_row("v_bitmap", v_bitmap, B, Hkv, torch.int64, n_tiles, dev)
-    _check_row("k_offsets", k_offsets, B, Hkv, torch.int32, n_tiles, dev)
-    _check_row("v_offsets", v_offsets, B, Hkv, torch.int32, n_tiles, dev)
+    for name, t in (("k_offsets", k_offsets), ("v_offsets", v_offsets)):
+        if t is not None:
+            _check_row(name, t, B, Hkv, torch.int32, n_tiles, dev)
     _check_row("k_values", k_values, B, Hkv, q.dtype, 0, dev)
     _check_row("v_values", v_values, B, Hkv, q.dtype, 0, dev)
+    kk = _row_keep("k", k_offsets, k_values, k_keep, n_compressed, d)
+    vk = _row_keep("v", v_offsets, v_values, v_keep, n_compressed, d)
     if kv_mask is not None:
         if kv_mask.dim() != 2 or kv_mask.shape[0] != B or kv_mask.shape[1] < n_compressed + W:
             raise ValueError(f"kv_mask must be [{B}, {n_compressed + W}], got {tuple(kv_mask.shape)}")
@@ -305,7 +322,8 @@ def kv_bitmap_attention(
     scale = d**-0.5 if scale is None else float(scale)
 
     sms, arch = device_info(dev)
-    cfg = kv_bitmap_config(B, Hkv, G, M, n_compressed, d, num_sms=sms, block_n=block_n, num_splits=num_splits)
+    cfg = kv_bitmap_config(B, Hkv, G, M, n_compressed, d, num_sms=sms, block_n=block_n, num_splits=num_splits,
+                           k_keep=kk, v_keep=vk)
     check_config(cfg, q.element_size(), arch)
     S, BLOCK_R = cfg["NUM_SPLITS"], cfg["BLOCK_R"]
     ws = torch.empty(B * Hkv * (S + 1) * BLOCK_R * (d + 2), dtype=torch.float32, device=dev)
@@ -313,19 +331,24 @@ def kv_bitmap_attention(
     mask_arg = kv_mask if kv_mask is not None else q
     s_mb = kv_mask.stride(0) if kv_mask is not None else 0
     ieee = q.dtype == torch.float32 and not _INTERPRETED
+    # format 2 rows have no offsets: the kernel never reads that pointer (K_KEEP / V_KEEP > 0)
+    ko = k_offsets if k_offsets is not None else k_bitmap
+    vo = v_offsets if v_offsets is not None else v_bitmap
     _kv_bitmap_attention_kernel[(B * Hkv, S + 1)](
-        q, k_bitmap, k_offsets, k_values, v_bitmap, v_offsets, v_values, k_window, v_window, mask_arg, ws, arrive, out,
+        q, k_bitmap, ko, k_values, v_bitmap, vo, v_values, k_window, v_window, mask_arg, ws, arrive, out,
         scale * _LOG2E,
         Hkv, G, M, n_compressed, W, S, cfg["BLOCKS_PER_SPLIT"],
         q.stride(0), q.stride(1), q.stride(2),
-        k_bitmap.stride(0), k_bitmap.stride(1), k_offsets.stride(0), k_offsets.stride(1),
+        k_bitmap.stride(0), k_bitmap.stride(1), ko.stride(0), ko.stride(1),
         k_values.stride(0), k_values.stride(1),
-        v_bitmap.stride(0), v_bitmap.stride(1), v_offsets.stride(0), v_offsets.stride(1),
+        v_bitmap.stride(0), v_bitmap.stride(1), vo.stride(0), vo.stride(1),
         v_values.stride(0), v_values.stride(1),
         k_window.stride(0), k_window.stride(1), k_window.stride(2),
         v_window.stride(0), v_window.stride(1), v_window.stride(2),
         s_mb, out.stride(0), out.stride(1), out.stride(2),
-        D=d, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=BLOCK_R, PARTS_PAD=cfg["PARTS_PAD"], HAS_MASK=kv_mask is not None,
+        D=d, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=BLOCK_R, PARTS_PAD=cfg["PARTS_PAD"],
+        K_KEEP=cfg["K_KEEP"], V_KEEP=cfg["V_KEEP"], K_CHUNK=cfg["K_CHUNK"], V_CHUNK=cfg["V_CHUNK"],
+        NUM_STAGES=cfg["num_stages"], HAS_MASK=kv_mask is not None,
         DOT_FP32=_INTERPRETED or q.dtype == torch.float32, IEEE=ieee, HW_POPC=not _INTERPRETED,
         num_warps=cfg["num_warps"],
     )  # fmt: skip
@@ -335,10 +358,10 @@ def kv_bitmap_attention(
 def kv_bitmap_attention_ref(
     q: torch.Tensor,
     k_bitmap: torch.Tensor,
-    k_offsets: torch.Tensor,
+    k_offsets: torch.Tensor | None,
     k_values: torch.Tensor,
     v_bitmap: torch.Tensor,
-    v_offsets: torch.Tensor,
+    v_offsets: torch.Tensor | None,
     v_values: torch.Tensor,
     k_window: torch.Tensor,
     v_window: torch.Tensor,
@@ -346,20 +369,25 @@ def kv_bitmap_attention_ref(
     *,
     scale: float | None = None,
     kv_mask: torch.Tensor | None = None,
+    k_keep: int | None = None,
+    v_keep: int | None = None,
 ) -> torch.Tensor:
     """Plain-torch reference of :func:`kv_bitmap_attention` (fp32 math, output in ``q.dtype``)."""
     B, Hq, M, d = q.shape
     Hkv, W = k_window.shape[1], k_window.shape[2]
     nt = n_compressed * d // TILE
 
-    def dense(bm, off, vals):
+    def dense(bm, off, vals, keep):
         if n_compressed == 0:
             return vals.new_zeros(B, Hkv, 0, d)
+        bm = bm[..., :nt]
+        if off is None:  # format 2: the offsets the layout defines (token * keep + earlier tiles of the token)
+            off = token_offsets(bm, keep or vals.shape[-1] // n_compressed, d)
         # Through the offsets, as the kernel reads them (rows may share one values buffer: per-head keep counts).
-        return unpack_by_offsets(bm[..., :nt], off[..., :nt], vals, n_compressed * d).view(B, Hkv, n_compressed, d)
+        return unpack_by_offsets(bm, off[..., :nt], vals, n_compressed * d).view(B, Hkv, n_compressed, d)
 
-    k = torch.cat([dense(k_bitmap, k_offsets, k_values), k_window], dim=2).float()
-    v = torch.cat([dense(v_bitmap, v_offsets, v_values), v_window], dim=2).float()
+    k = torch.cat([dense(k_bitmap, k_offsets, k_values, k_keep), k_window], dim=2).float()
+    v = torch.cat([dense(v_bitmap, v_offsets, v_values, v_keep), v_window], dim=2).float()
     G = Hq // Hkv
     k = k.repeat_interleave(G, dim=1)
     v = v.repeat_interleave(G, dim=1)

@@ -8,13 +8,21 @@ flattened ``[tokens, head_dim]`` matrix, token-major):
 * ``bitmap[..., t]`` (int64): bit ``i`` set <=> element ``64 t + i`` is kept;
 * ``values[..., :]``: the kept values of the row, in element order (tile by tile), padded with zeros to the
   longest row (cache rows all have ``tokens * k`` values, so there is no padding there);
-* ``offsets[..., t]`` (int32): index in ``values`` of tile ``t``'s first kept value (exclusive prefix sum of the
-  tiles' popcounts), so a kernel reads any tile without a scan: element ``64 t + i``, if kept, is
+* ``offsets[..., t]`` (int32, format version 1 only): index in ``values`` of tile ``t``'s first kept value
+  (exclusive prefix sum of the tiles' popcounts): element ``64 t + i``, if kept, is
   ``values[offsets[t] + popcount(bitmap[t] & ((1 << i) - 1))]``.
 
-Bytes per tile: 8 (bitmap) + 4 (offset) + kept * element size. For a 16-bit cache at 70% sparsity with
-``head_dim`` 128 (38 of 128 kept) that is (2 * (8 + 4) + 38 * 2) / 256 = 39.1% of dense; with ``head_dim`` 64
-(19 of 64 kept) (12 + 38) / 128 = 39.1%.
+Format version 2 (:data:`FORMAT_VERSION`, the KV cache's rows when every head keeps the same ``k``): every token
+keeps exactly ``k`` values, so the offsets are derivable and not stored: token ``n``'s kept values are
+``values[n * k : (n + 1) * k]`` and element ``i`` of tile ``t`` of the token, if kept, is
+``values[n * k + popcount(earlier tiles of the token) + popcount(bitmap[t] & ((1 << i) - 1))]``
+(:func:`token_offsets`). The decode kernel reads a block of tokens' values as one contiguous run of 16-byte
+vectors. Version 1 rows (stored offsets) remain readable everywhere; the cache still writes them for per-head
+keep counts, whose heads share one values buffer.
+
+Bytes per tile: 8 (bitmap) + kept * element size, plus 4 (offset) in version 1. For a 16-bit cache at 70% sparsity
+with ``head_dim`` 128 (38 of 128 kept) that is (2 * 8 + 38 * 2) / 256 = 35.9% of dense (39.1% with offsets); with
+``head_dim`` 64 (19 of 64 kept) (8 + 38) / 128 = 35.9%.
 
 Pruning rule (:func:`keep_count`, :func:`prune_topk`, :func:`pack_topk`): each ``head_dim`` vector keeps its
 ``k = head_dim - round(sparsity * head_dim)`` largest-magnitude entries.
@@ -35,8 +43,12 @@ from llmprune.sparsity import topk_mask
 
 #: Elements per bitmap tile (one int64 word of bitmap).
 TILE = 64
-#: Bytes of per-tile metadata: the int64 bitmap word and the int32 offset.
+#: Bytes of per-tile metadata in format version 1: the int64 bitmap word and the int32 offset.
 TILE_META_BYTES = 8 + 4
+#: Bytes of per-tile metadata in format version 2 (offsets derived, not stored): the int64 bitmap word.
+TILE_WORD_BYTES = 8
+#: The layout version the KV cache writes for rows with one keep count per token (see the module doc).
+FORMAT_VERSION = 2
 
 
 def keep_count(head_dim: int, sparsity: float) -> int:
@@ -55,12 +67,21 @@ def prune_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.masked_fill(~topk_mask(x, k), 0)
 
 
-def expected_ratio(head_dim: int, k_sparsity: float, v_sparsity: float | None = None, element_size: int = 2) -> float:
-    """Stored / dense bytes of the compressed part of a KV cache alone (no dense window), from the layout."""
+def expected_ratio(head_dim: int, k_sparsity: float, v_sparsity: float | None = None, element_size: int = 2,
+                   version: int = FORMAT_VERSION) -> float:
+    """Stored / dense bytes of the compressed part of a KV cache alone (no dense window), from the layout
+    (``version`` 1: with stored offsets)."""
     v_sparsity = k_sparsity if v_sparsity is None else v_sparsity
+    meta = _tile_meta_bytes(version)
     tiles = head_dim / TILE
-    per_tok = sum(tiles * TILE_META_BYTES + keep_count(head_dim, s) * element_size for s in (k_sparsity, v_sparsity))
+    per_tok = sum(tiles * meta + keep_count(head_dim, s) * element_size for s in (k_sparsity, v_sparsity))
     return per_tok / (2 * head_dim * element_size)
+
+
+def _tile_meta_bytes(version: int) -> int:
+    if version not in (1, 2):
+        raise ValueError(f"bitmap format version must be 1 or 2, got {version!r}")
+    return TILE_META_BYTES if version == 1 else TILE_WORD_BYTES
 
 
 @dataclass
@@ -180,6 +201,32 @@ def unpack_by_offsets(bitmap: torch.Tensor, offsets: torch.Tensor, values: torch
     out = values.gather(-1, idx.clamp_max(values.shape[-1] - 1))
     out = out.masked_fill(~keep.reshape(*lead, ntiles * TILE), 0)
     return out[..., :length]
+
+
+def token_offsets(bitmap: torch.Tensor, keep: int, head_dim: int) -> torch.Tensor:
+    """Format-2 offsets: index in ``values`` of each tile's first kept value when every token keeps ``keep``.
+
+    Token ``n`` (tiles ``n * head_dim / 64 ..``) starts at ``n * keep``, and each tile after the token's first adds
+    the popcounts of the earlier tiles of the same token (``head_dim`` a multiple of 64; for ``head_dim`` < 64 a
+    tile holds ``64 / head_dim`` whole tokens and starts at ``first token * keep``).
+
+    Args:
+        bitmap: ``[*lead, ntiles]`` int64.
+        keep: kept entries per token vector.
+        head_dim: ``d``.
+
+    Returns:
+        ``[*lead, ntiles]`` int32, what a version-1 row would store (:func:`unpack_by_offsets` reads it).
+    """
+    ntiles = bitmap.shape[-1]
+    t = torch.arange(ntiles, device=bitmap.device)
+    if head_dim < TILE:
+        return (t * (TILE // head_dim) * keep).to(torch.int32).expand(bitmap.shape).contiguous()
+    tpt = head_dim // TILE
+    cnt = tile_masks(bitmap).sum(-1)  # [*lead, ntiles]
+    per_token = cnt.reshape(*bitmap.shape[:-1], ntiles // tpt, tpt)
+    within = (torch.cumsum(per_token, -1) - per_token).reshape(bitmap.shape)
+    return ((t // tpt) * keep + within).to(torch.int32)
 
 
 def unpack_bitmap(bt: BitmapTensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from helpers import check_close
 from llmprune.kernels.kv_bitmap_attention import kv_bitmap_attention, kv_bitmap_attention_ref
 
-from llmprune.formats.bitmap import keep_count
+from llmprune.formats.bitmap import keep_count, pack_topk, token_offsets
 from llmprune.runtime.kvcache.store import _BitmapStore
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,3 +113,79 @@ def test_repeated_calls_reset_the_combine_counters():
     for splits in (3, 1, 4, 3):
         check_close(kv_bitmap_attention(q, *cache, num_splits=splits), ref)
     assert torch.equal(first, kv_bitmap_attention(q, *cache, num_splits=3))
+
+
+# -- format 2 (offsets derived, not stored) against version 1 (stored offsets) ---------------------------------------------
+def _as_version1(st: _BitmapStore):
+    """The same rows with their offsets stored (version 1), as ``(bitmap, offsets, values)``."""
+    return st.bitmap, token_offsets(st.bitmap, st.keep, st.d), st.values
+
+
+@pytest.mark.parametrize("d,T,bn,splits", [(64, 64 * 2 + 13, 64, 1), (128, 16 * 5 + 3, 16, 2)])
+def test_format2_whole_blocks_tail_and_mask_match_version1(d, T, bn, splits):
+    """Whole blocks run unmasked and the tail masked (one split holds both); a kv_mask reaches the unmasked loop;
+    the derived-offset path and the stored-offset path give the reference's result."""
+    dtype, B, Hkv, G, W = torch.bfloat16, 2, 2, 2, 4
+    g = torch.Generator().manual_seed(d + T)
+    k_st, v_st = (_BitmapStore(B, Hkv, d, kk, dtype, DEV) for kk in (keep_count(d, 0.7), 13))  # 13: odd, < 16
+    k_st.append(torch.randn(B, Hkv, T, d, generator=g).to(dtype).to(DEV))
+    v_st.append(torch.randn(B, Hkv, T, d, generator=g).to(dtype).to(DEV))
+    assert k_st.offsets is None and k_st.version == 2
+    kw, vw = torch.randn(2, B, Hkv, W, d, generator=g).to(dtype).to(DEV)
+    q = torch.randn(B, Hkv * G, 2, d, generator=g).to(dtype).to(DEV)
+    mask = torch.ones(B, T + W, dtype=torch.bool, device=DEV)
+    mask[0, 3:40] = False  # inside the first whole blocks
+    v2 = (k_st.bitmap, None, k_st.values, v_st.bitmap, None, v_st.values, kw, vw, T)
+    v1 = (*_as_version1(k_st), *_as_version1(v_st), kw, vw, T)
+    # independent reference: plain attention over the stores' dense reconstruction (unpack_bitmap, no offsets)
+    k = torch.cat([k_st.dense(), kw], 2).float().repeat_interleave(G, 1)
+    v = torch.cat([v_st.dense(), vw], 2).float().repeat_interleave(G, 1)
+    s = q.float() @ k.transpose(-1, -2) * d**-0.5
+    allowed = mask[:, None, None, :] & (torch.arange(T + W, device=DEV) <= T + W - 2 + torch.arange(2, device=DEV)[:, None])
+    want = (torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v).to(dtype)
+    ref = kv_bitmap_attention_ref(q, *v2, kv_mask=mask)
+    check_close(ref, want)
+    for args in (v2, v1):
+        out = torch.full_like(q, float("nan"))
+        check_close(kv_bitmap_attention(q, *args, kv_mask=mask, out=out, block_n=bn, num_splits=splits), ref)
+
+
+def test_format2_keep_everything_and_chunk_edges():
+    """keep = d (nothing pruned: block_n * keep is a power of two, the zero slot sits past it) and keep = 1."""
+    dtype, B, Hkv, d, T = torch.float16, 1, 1, 64, 70
+    g = torch.Generator().manual_seed(5)
+    k_st, v_st = _BitmapStore(B, Hkv, d, d, dtype, DEV), _BitmapStore(B, Hkv, d, 1, dtype, DEV)
+    k_st.append(torch.randn(B, Hkv, T, d, generator=g).to(dtype).to(DEV))
+    v_st.append(torch.randn(B, Hkv, T, d, generator=g).to(dtype).to(DEV))
+    kw, vw = torch.randn(2, B, Hkv, 3, d, generator=g).to(dtype).to(DEV)
+    q = torch.randn(B, 3, 1, d, generator=g).to(dtype).to(DEV)
+    args = (k_st.bitmap, None, k_st.values, v_st.bitmap, None, v_st.values, kw, vw, T)
+    check_close(kv_bitmap_attention(q, *args, num_splits=1), kv_bitmap_attention_ref(q, *args))
+
+
+def test_token_offsets_are_the_version1_offsets():
+    g = torch.Generator().manual_seed(0)
+    for d, keep in ((16, 5), (64, 19), (128, 38), (256, 7)):
+        x = torch.randn(2, 3, 12, d, generator=g)  # 12 * 16 elements: whole tiles
+        bt = pack_topk(x, keep)
+        assert torch.equal(token_offsets(bt.bitmap, keep, d), bt.offsets), (d, keep)
+
+
+def test_format2_launcher_checks():
+    dtype = torch.float16
+    q = torch.randn(1, 4, 1, 64).to(dtype).to(DEV)
+    cache = list(make_cache(1, 2, 40, 64, dtype))  # 32 compressed tokens
+    bad = list(cache)
+    bad[2] = cache[2][..., :-1]  # not n_compressed * k values
+    with pytest.raises(ValueError, match="n_compressed \\* keep"):
+        kv_bitmap_attention(q, *bad)
+    with pytest.raises(ValueError, match="k_keep"):
+        kv_bitmap_attention(q, *cache, k_keep=65)
+    shared = list(cache)
+    shared[2] = cache[2][:, :1].expand(1, 2, cache[2].shape[-1])  # one buffer for both heads: needs offsets
+    with pytest.raises(ValueError, match="needs k_offsets"):
+        kv_bitmap_attention(q, *shared)
+    v1 = list(cache)
+    v1[1] = token_offsets(cache[0], cache[2].shape[-1] // 32, 64)
+    with pytest.raises(ValueError, match="no offsets"):
+        kv_bitmap_attention(q, *v1, k_keep=19)

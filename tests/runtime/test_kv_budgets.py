@@ -165,11 +165,12 @@ def test_uniform_budgets_equal_the_uniform_cache_and_zero_equals_dense():
     dense = llmprune.perplexity(model, ids, seqlen=64, progress=False)
     r0 = perplexity_with_cache(model, ids, 64, k_sparsity=None, window=16, progress=False, allocation=zero)
     assert r0.ppl == pytest.approx(dense.ppl, rel=1e-5)
-    # entropy-like mixed budgets at the same mean: same bytes as uniform
+    # entropy-like mixed budgets at the same mean: the same kept values as uniform, plus the 4-byte offset per
+    # 64-element tile of bitmap format version 1 (per-head keep counts; uniform rows are version 2, no offsets)
     mixed = _budgets_for(model, [[4, 12], [10, 6]], [[14, 10], [12, 12]], ks=0.5, vs=0.25)
     r3 = perplexity_with_cache(model, ids, 64, k_sparsity=0.5, v_sparsity=0.25, window=16, progress=False,
                                allocation=mixed)
-    assert r3.bytes_ratio == r1.bytes_ratio and r3.nll != r1.nll
+    assert 0 < r3.bytes_ratio_16bit - r1.bytes_ratio_16bit <= 4 / (64 * 2) and r3.nll != r1.nll
 
 
 def test_cache_checks_the_allocation():

@@ -62,8 +62,10 @@ def test_keep_count_and_ratio():
     assert keep_count(128, 0.7) == 38 and keep_count(64, 0.7) == 19 and keep_count(64, 0.0) == 64
     with pytest.raises(ConfigError):
         keep_count(64, 1.0)
-    # 16-bit cache, 70%: (12 B per 64-element tile + kept * 2) / dense -- within the <= 45% target
-    assert expected_ratio(128, 0.7) == pytest.approx((2 * 12 + 38 * 2) / 256)
+    # 16-bit cache, 70%: (8 B per 64-element tile + kept * 2) / dense -- within the <= 45% target (format 2; the
+    # version-1 layout also stores a 4-byte offset per tile)
+    assert expected_ratio(128, 0.7) == pytest.approx((2 * 8 + 38 * 2) / 256)
+    assert expected_ratio(128, 0.7, version=1) == pytest.approx((2 * 12 + 38 * 2) / 256)
     assert expected_ratio(64, 0.7) < 0.45
 
 
@@ -97,8 +99,9 @@ def test_generate_pruned_batch_and_bytes():
     layer = cache.layers[0]
     assert layer.k_keep == keep_count(16, 0.7) == 5 and layer.v_keep == 8
     stored, dense = cache.bytes(element_size=2), cache.dense_bytes(element_size=2)
-    # by hand: 2 layers x batch 2 x 1 KV head; 48 compressed tokens (48 x 16 = 12 tiles of 64), 1 window token
-    per_row = 12 * 12 * 2 + 48 * (5 + 8) * 2 + 2 * 1 * 16 * 2
+    # by hand: 2 layers x batch 2 x 1 KV head; 48 compressed tokens (48 x 16 = 12 tiles of 64, an 8-byte bitmap word
+    # each: format 2 stores no offsets), 1 window token
+    per_row = 12 * 8 * 2 + 48 * (5 + 8) * 2 + 2 * 1 * 16 * 2
     assert stored == 2 * 2 * per_row
     assert dense == 2 * 2 * 2 * 49 * 16 * 2
     assert cache.compression_ratio(element_size=2) == pytest.approx(stored / dense)

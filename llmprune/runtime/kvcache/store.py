@@ -1,4 +1,8 @@
-"""Growing bitmap storage of one of K / V in one attention layer (layout: :mod:`llmprune.formats.bitmap`)."""
+"""Growing bitmap storage of one of K / V in one attention layer (layout: :mod:`llmprune.formats.bitmap`).
+
+Rows with one keep count for every head are format version 2 (bitmap + values, offsets derived, not stored);
+per-head keep counts are version 1 (stored offsets into one values buffer shared by the heads).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ import torch
 from llmprune.formats.bitmap import (
     TILE,
     TILE_META_BYTES,
+    TILE_WORD_BYTES,
     BitmapTensor,
     pack_topk,
+    token_offsets,
     unpack_bitmap,
     unpack_by_offsets,
 )
@@ -18,9 +24,14 @@ class _BitmapStore:
     """Bitmap storage of ``[B, H, T, d]`` pruned to ``keep`` entries per token; a row is one ``(b, h)``.
 
     Buffers are preallocated for ``capacity`` tokens and grow by doubling, so an append writes in place and the
-    kernel reads ``bitmap`` / ``offsets`` / ``values`` views without copies.
+    kernel reads ``bitmap`` / ``values`` (and, for version 1, ``offsets``) views without copies.
 
-    Per-head keep counts (``keep`` a sequence of ``H`` counts that are not all equal): the kept values of all
+    One keep count for all heads (format version 2): every token of a row keeps exactly ``keep`` values, stored
+    contiguously, so no offsets are stored (:attr:`offsets` is None; :attr:`kernel_keep` is the count the decode
+    kernel derives them from).
+
+    Per-head keep counts (``keep`` a sequence of ``H`` counts that are not all equal; format version 1): the kept
+    values of all
     heads of a batch row share one buffer ``[B, n_vals]`` (each appended chunk holds head 0's values, then head
     1's, ...) and every head's offsets index that shared buffer directly. :attr:`values` is then the
     ``[B, H, n_vals]`` view of it with stride 0 over ``H``, so the decode kernel, which reads
@@ -51,7 +62,8 @@ class _BitmapStore:
         self.n_vals = 0  # per row (uniform) or per batch row, all heads together (mixed)
         tiles_cap = capacity * head_dim // TILE
         self._bitmap = torch.zeros(batch, heads, tiles_cap, dtype=torch.int64, device=device)
-        self._offsets = torch.zeros(batch, heads, tiles_cap, dtype=torch.int32, device=device)
+        # Version 1 only: stored per-tile offsets into the shared values buffer.
+        self._offsets = torch.zeros(batch, heads, tiles_cap, dtype=torch.int32, device=device) if self.mixed else None
         if self.mixed:
             self._values = torch.zeros(batch, capacity * sum(keeps), dtype=dtype, device=device)
         else:
@@ -80,11 +92,8 @@ class _BitmapStore:
         bt = pack_topk(x, self.keep)
         nt, nv = bt.bitmap.shape[-1], bt.values.shape[-1]
         self._bitmap = self._grow(self._bitmap, self.n_tiles + nt)
-        self._offsets = self._grow(self._offsets, self.n_tiles + nt)
         self._values = self._grow(self._values, self.n_vals + nv)
         self._bitmap[..., self.n_tiles : self.n_tiles + nt] = bt.bitmap
-        # pack_topk counts offsets from the piece's start; the row's values continue after n_vals.
-        self._offsets[..., self.n_tiles : self.n_tiles + nt] = bt.offsets + self.n_vals
         self._values[..., self.n_vals : self.n_vals + nv] = bt.values
         self.tokens += x.shape[2]
         self.n_tiles += nt
@@ -113,9 +122,19 @@ class _BitmapStore:
         return self._bitmap[..., : self.n_tiles]
 
     @property
-    def offsets(self) -> torch.Tensor:
-        """``[B, H, tokens * d / 64]`` int32."""
-        return self._offsets[..., : self.n_tiles]
+    def version(self) -> int:
+        """Bitmap format version of the rows: 2 (offsets derived) with one keep count, 1 (stored) with per-head."""
+        return 1 if self.mixed else 2
+
+    @property
+    def offsets(self) -> torch.Tensor | None:
+        """``[B, H, tokens * d / 64]`` int32 stored offsets (version 1), None for version 2 (derived)."""
+        return self._offsets[..., : self.n_tiles] if self.mixed else None
+
+    @property
+    def kernel_keep(self) -> int | None:
+        """The per-token keep count the decode kernel derives the offsets from (version 2), else None."""
+        return None if self.mixed else self.keep
 
     @property
     def values(self) -> torch.Tensor:
@@ -126,7 +145,9 @@ class _BitmapStore:
         return self._values[..., : self.n_vals]
 
     def as_bitmap_tensor(self) -> BitmapTensor:
-        return BitmapTensor(self.bitmap, self.offsets, self.values, self.tokens * self.d)
+        """The rows as a :class:`BitmapTensor` (version-2 offsets are derived here, a copy)."""
+        offsets = self.offsets if self.mixed else token_offsets(self.bitmap, self.keep, self.d)
+        return BitmapTensor(self.bitmap, offsets, self.values, self.tokens * self.d)
 
     def dense(self) -> torch.Tensor:
         """``[B, H, tokens, d]`` reconstruction (pruned entries zero)."""
@@ -139,13 +160,14 @@ class _BitmapStore:
 
     def nbytes(self, element_size: int) -> int:
         """Bytes of the stored tokens (not the spare capacity), values at ``element_size`` bytes."""
-        if self.mixed:  # n_vals counts every head's kept values of a batch row
+        if self.mixed:  # version 1; n_vals counts every head's kept values of a batch row
             return self.B * (self.H * self.n_tiles * TILE_META_BYTES + self.n_vals * element_size)
-        return self.B * self.H * (self.n_tiles * TILE_META_BYTES + self.n_vals * element_size)
+        return self.B * self.H * (self.n_tiles * TILE_WORD_BYTES + self.n_vals * element_size)
 
     def index_batch(self, idx: torch.Tensor) -> None:
         """Keep (and reorder) the batch rows ``idx`` (beam search, batch selection)."""
         self._bitmap = self._bitmap.index_select(0, idx)
-        self._offsets = self._offsets.index_select(0, idx)
+        if self._offsets is not None:
+            self._offsets = self._offsets.index_select(0, idx)
         self._values = self._values.index_select(0, idx)
         self.B = self._values.shape[0]
