@@ -10,7 +10,9 @@ stage can be stopped and resumed, and several stages can run at once (separate p
     python eval/longctx_table.py --stage report
 
 Samples are taken index-major (sample 0 of every task and length, then sample 1, ...), so a stage stopped early
-still has about the same count in every cell; the report states the counts and the wall time.
+still has about the same count in every cell; the report states the counts and the wall time. ``--samples`` is one
+count for every length or per length (``2048:8,4096:4,8192:2``). A (setting, task, length, index) already in any
+rows file of the rows folder is skipped, so earlier runs merge (the report reads every rows file).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _variants(stage: str, model, args) -> list[tuple[object, list[Variant]]]:
         return [(model, out)]
     if stage == "gates":
         runs = []
-        for s in (0.5, 0.9):  # a model per sparsity: gates act in every forward (prefill too)
+        for s in (float(x) for x in args.gate_sparsities.split(",")):  # a model per sparsity: gates act in every forward (prefill too)
             m = load_model(args.model, dtype=args.dtype, device="cpu",
                            runtime=RuntimeConfig(gates=args.gates, attn_sparsity=s))
             runs.append((m, [Variant(f"gates {s:.0%}", {"attn_sparsity": s, "gates": args.gates})]))
@@ -61,6 +63,14 @@ def _variants(stage: str, model, args) -> list[tuple[object, list[Variant]]]:
     raise SystemExit(f"unknown stage {stage}")
 
 
+def sample_counts(spec: str, contexts: list[int]) -> dict[int, int]:
+    """``"8"`` -> 8 for every length; ``"2048:8,4096:4"`` -> per length (lengths not named get 0)."""
+    if ":" not in spec:
+        return {c: int(spec) for c in contexts}
+    per = {int(c): int(n) for c, n in (x.split(":") for x in spec.split(","))}
+    return {c: per.get(c, 0) for c in contexts}
+
+
 def run_stage(args) -> None:
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.model)
@@ -68,17 +78,19 @@ def run_stage(args) -> None:
     hay = Haystack.load(args.haystack)
     model = load_model(args.model, dtype=args.dtype, device="cpu") if args.stage == "kv" else None
     runs = _variants(args.stage, model, args)
-    rows_path = Path(args.rows or OUT / "longctx" / f"{args.stage}_{args.contexts.replace(',', '_')}.jsonl")
+    tag = args.stage if args.stage != "gates" else "gates" + args.gate_sparsities.replace(",", "_")
+    rows_path = Path(args.rows or OUT / "longctx" / f"{tag}_{args.contexts.replace(',', '_')}.jsonl")
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     done = set()
-    if rows_path.exists():
-        for line in rows_path.read_text().splitlines():
+    for f in rows_path.parent.glob("*.jsonl"):  # earlier runs' rows count as done (and are reported)
+        for line in f.read_text().splitlines():
             r = json.loads(line)
             done.add((r["setting"], r["task"], r["context"], r["index"]))
     contexts = [int(c) for c in args.contexts.split(",")]
+    counts = sample_counts(args.samples, contexts)
     tasks = args.tasks.split(",")
-    for i in range(args.samples):
-        for c in contexts:
+    for i in range(max(counts.values())):
+        for c in (c for c in contexts if i < counts[c]):
             for t in tasks:
                 sample = None
                 for m, variants in runs:
@@ -93,7 +105,7 @@ def run_stage(args) -> None:
                         for v in todo:
                             r = res[v.label][0]
                             f.write(json.dumps({"setting": v.label, **dataclasses.asdict(r), "wall_s": wall / len(todo),
-                                                "outputs": sample.outputs}) + "\n")
+                                                "outputs": sample.outputs, "load1": os.getloadavg()[0]}) + "\n")
                     print(f"{time.strftime('%H:%M:%S')} #{i} {t}@{c}: " + " ".join(
                         f"{v.label}={res[v.label][0].score:.2f}" for v in todo) + f" ({wall:.0f}s)", flush=True)
 
@@ -124,15 +136,26 @@ def report(args) -> None:
              "decode; activation sparsity: TEAL thresholds from `llmprune calibrate-act --allocation uniform` (16 x 512 C4 "
              "tokens), 40%, decode steps only (prefill dense, the default). Each row compares the same samples "
              "(indices present for every setting).", ""]
+    notes = OUT / "longctx" / "protocol_notes.md"  # how this run was actually made (written by hand)
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    tolerable: dict[int, dict[str, str]] = {}
+
+    def complete(t, c):  # sample indices every setting has for (task, length)
+        common = None
+        for s in settings:
+            idx = {r["index"] for r in cells.get((t, c, s), [])}
+            common = idx if common is None else common & idx
+        return common or set()
+
+    partial = [c for c in contexts if not any(complete(t, c) for t in tasks)]
+    contexts = [c for c in contexts if c not in partial]  # a length no task has every setting of is not tabled
     for c in contexts:
         lines += [f"## context {c}", "", "| task | n | " + " | ".join(settings) + " |",
                   "|---|---|" + "---|" * len(settings)]
         means = {s: [] for s in settings}
         for t in tasks:
-            common = None
-            for s in settings:
-                idx = {r["index"] for r in cells.get((t, c, s), [])}
-                common = idx if common is None else common & idx
+            common = complete(t, c)
             if not common:
                 continue
             vals = []
@@ -148,28 +171,58 @@ def report(args) -> None:
             rs = [r for (t, cc, ss), v in cells.items() if cc == c and ss == s for r in v]
             kv.append(f"{sum(r['kv_bytes'] for r in rs) / len(rs) / 2**20:.2f}" if rs else "-")
         lines += ["| KV cache MiB (mean) | | " + " | ".join(kv) + " |", ""]
-        within = []
+        within, ok = [], {}
         for s in settings[1:]:
-            if means[s] and means["dense"]:
+            if means[s] and means.get("dense"):
                 d = sum(means[s]) / len(means[s]) - sum(means["dense"]) / len(means["dense"])
                 within.append(f"{s}: {d:+.1f} points ({'within' if d >= -5 else 'NOT within'} 5 of dense)")
+                ok[s] = d >= -5
         lines += ["Mean over tasks vs dense: " + "; ".join(within) + ".", ""]
+        for feature in ("kv", "gates", "act"):
+            tested = sorted((s for s in ok if s.startswith(feature + " ")), key=lambda s: float(s.split()[1][:-1]))
+            if tested:  # the highest tested sparsity at which it and every lower one stay within 5 points
+                best = None
+                for s in tested:
+                    if not ok[s]:
+                        break
+                    best = s.split()[1]
+                levels = ", ".join(s.split()[1] for s in tested)
+                verdict = f"up to {best}" if best else f"none ({tested[0].split()[1]} is not)"
+                tolerable.setdefault(c, {})[feature] = f"{verdict} (tested {levels})"
     missing_t = [t for t in TASK_NAMES if t not in tasks]
-    missing_c = [c for c in (2048, 4096, 8192) if c not in contexts]
+    missing_c = [c for c in sorted({2048, 4096, 8192} | set(partial)) if c not in contexts]
     missing_s = [s for s in ORDER if s not in settings]
     lines += ["n = samples per task, the same sample indices for every setting (index-major order, so a stage stopped "
               "at the deadline leaves about equal counts). With n this small one answer moves a task's score by "
               "100/n points: the comparisons are indicative, not significant.",
               "Not measured in this run (time): " + "; ".join(x for x in [
                   f"tasks {', '.join(missing_t)}" if missing_t else "", f"contexts {', '.join(map(str, missing_c))}"
+                  + (f" (only some settings have rows at {', '.join(map(str, partial))})" if partial else "")
                   if missing_c else "", f"settings {', '.join(missing_s)}" if missing_s else ""] if x) + ".", ""]
-    wall = {}
-    for r in rows:
-        wall[r["setting"]] = wall.get(r["setting"], 0.0) + r["wall_s"]
-    lines += ["Wall time (s, summed over samples; the KV settings share one prefill per prompt, split evenly): " +
-              ", ".join(f"{s} {wall[s]:.0f}" for s in settings) + ".",
-              f"Machine: {platform.machine()} CPU shared with other jobs (2 cores, heavily loaded), "
-              f"{args.threads} torch thread per process: times are only indicative.", ""]
+    if tolerable:
+        feats = ["kv", "gates", "act"]
+        lines += ["## Sparsity within 5 points of dense (mean over the tasks of each length)", "",
+                  "| context | " + " | ".join(f"{f}" for f in feats) + " |", "|---|" + "---|" * len(feats)]
+        lines += [f"| {c} | " + " | ".join(tolerable[c].get(f, "-") for f in feats) + " |" for c in contexts
+                  if c in tolerable]
+        lines += ["", "With n samples per task a single answer moves a task by up to 100/n points and the mean "
+                  "over the tasks by 100/(n x tasks): with the n above these verdicts are indicative only.", ""]
+    lines += ["## Wall time", "", "Seconds per sample (mean; the KV settings share one prefill per prompt, its "
+              "time split evenly over dense / kv 50% / kv 70%) and summed over all samples:", "",
+              "| context | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for c in contexts:
+        cell = []
+        for s in settings:
+            ws = [r["wall_s"] for (t, cc, ss), v in cells.items() if cc == c and ss == s for r in v]
+            cell.append(f"{sum(ws) / len(ws):.0f} (n={len(ws)})" if ws else "-")
+        lines.append(f"| {c} | " + " | ".join(cell) + " |")
+    total = {s: sum(r["wall_s"] for r in rows if r["setting"] == s) for s in settings}
+    lines.append("| total s | " + " | ".join(f"{total[s]:.0f}" for s in settings) + " |")
+    loads = [r["load1"] for r in rows if "load1" in r]
+    load = (f"; 1-minute load average when the {len(loads)} rows that record it were written: mean "
+            f"{sum(loads) / len(loads):.1f}") if loads else ""
+    lines += ["", f"Machine: {platform.machine()} CPU, 2 cores shared with other jobs{load}; {args.threads} torch "
+              "thread per process: times are only indicative.", ""]
     check = OUT / "longctx" / "lm_eval_check.md"  # the plain-lm-eval reproduction, written when it was run
     if check.exists():
         lines += [check.read_text().strip(), ""]
@@ -184,9 +237,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="model dtype (default float32: bf16 matmuls are slow on CPU)")
     ap.add_argument("--gates", default=None)
     ap.add_argument("--act-thresholds", default=None)
+    ap.add_argument("--gate-sparsities", default="0.5,0.9", help="gates stage: block sparsities (a model each; "
+                    "one per process runs them in parallel)")
     ap.add_argument("--contexts", default="2048,4096")
     ap.add_argument("--tasks", default=",".join(TASK_NAMES))
-    ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--samples", default="50", help="samples per task and length: N, or per length "
+                    "(2048:8,4096:4,8192:2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--haystack", default=str(ROOT.parent / "shared" / "data" / "c4" / "c4_validation_2k.parquet"))
     ap.add_argument("--rows", default=None, help="rows file (default eval/results/longctx/STAGE_CONTEXTS.jsonl; "

@@ -12,8 +12,14 @@ Pruning schedule
 Attention paths (chosen per step by :mod:`llmprune.runtime.kernel_policy` and the kernel's shape limits)
     * torch: :meth:`BitmapKVLayer.update` returns the dense reconstruction of the compressed tokens (pruned
       entries zero) followed by the dense window, so the model's own attention computes exactly attention over
-      the pruned cache. The reconstruction is rebuilt at every step and freed after the layer (O(context) work
-      per step, fine on CPU); the stored state stays compressed.
+      the pruned cache. On a layer where the kernel cannot run (CPU, unsupported head dim or dtype) the layer
+      keeps that reconstruction as a *mirror*: a dense working buffer, grown by doubling, into which each flush
+      writes only the tokens it just compressed (decompressed from a bitmap of those tokens alone) and each step
+      writes its new tokens, so a decode step costs O(new tokens) instead of decompressing the whole store. The
+      mirror is a CPU-path working buffer, not the cache: :meth:`BitmapKVLayer.nbytes` and
+      :meth:`BitmapKVCache.memory_report` count the compressed store and the window only
+      (:meth:`BitmapKVLayer.mirror_nbytes` reports the buffer). Elsewhere (a multi-token step on a kernel
+      layer, or a step that needs gradients) the reconstruction is rebuilt from the whole store for that step.
     * Triton (``head_dim`` in 64/128/256, fp16/bf16/fp32, at most
       :data:`~llmprune.runtime.kernel_policy.KV_BITMAP_MAX_QUERIES` new tokens): the cache switches the model
       config to the ``"llmprune_kv_bitmap"`` attention implementation (:mod:`.attention`). ``update`` then
@@ -35,6 +41,7 @@ from llmprune.formats.bitmap import TILE, keep_count
 from llmprune.runtime.kernel_policy import KV_BITMAP_MAX_QUERIES, check_backend, use_kernel
 from llmprune.runtime.kvcache.attention import ATTN_IMPL, LAYER_TAG, enable_kernel_attention
 from llmprune.runtime.kvcache.budgets import resolve_allocation
+from llmprune.runtime.kvcache.mirror import DenseMirror
 from llmprune.runtime.kvcache.store import _BitmapStore
 
 try:  # transformers >= 4.56 has the layered cache API
@@ -63,6 +70,11 @@ class BitmapKVLayer(CacheLayerMixin):
         k_keeps, v_keeps: per-KV-head keep counts (from a :class:`~llmprune.runtime.kvcache.budgets.KVBudgets`),
             replacing the sparsities; None = ``keep_count(head_dim, sparsity)`` for every head.
         head_dim: the head dim the keep counts were made for (checked against the first update).
+
+    On a layer where the decode kernel cannot run, the torch path keeps ``mirror``, a
+    :class:`~llmprune.runtime.kvcache.mirror.DenseMirror` of the pruned cache (the reconstruction of the
+    compressed tokens, then the window). It is a working buffer of the torch path (as large as a dense cache),
+    not part of the cache's reported bytes (:meth:`nbytes`).
     """
 
     is_sliding = False
@@ -78,6 +90,7 @@ class BitmapKVLayer(CacheLayerMixin):
         self.k_keeps, self.v_keeps, self.budget_head_dim = k_keeps, v_keeps, head_dim
         self.k_store: _BitmapStore | None = None
         self.v_store: _BitmapStore | None = None
+        self.mirror: DenseMirror | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, d = key_states.shape
@@ -102,6 +115,9 @@ class BitmapKVLayer(CacheLayerMixin):
         self.keys = key_states[:, :, :0]  # the dense window
         self.values = value_states[:, :, :0]
         self.is_initialized = True
+        # Decided once: where a decode step can take the kernel, no dense mirror is kept (it would cost a
+        # dense cache's memory on the accelerator).
+        self.mirror = None if self._kernel_applies(1) else DenseMirror(d, self.dtype, self.device, cap)
 
     # -- state ------------------------------------------------------------------------------------------------------
     @property
@@ -126,10 +142,25 @@ class BitmapKVLayer(CacheLayerMixin):
         n = (self.window_tokens // self.window) * self.window
         if n == 0:
             return
+        start = self.compressed_tokens
         self.k_store.append(self.keys[:, :, :n])
         self.v_store.append(self.values[:, :, :n])
+        if self.mirror is not None:  # the flushed tokens' slots now hold their pruned reconstruction
+            self.mirror.write(start, self._pruned(self.keys[:, :, :n], self.k_keep),
+                               self._pruned(self.values[:, :, :n], self.v_keep))
         self.keys = self.keys[:, :, n:].contiguous()
         self.values = self.values[:, :, n:].contiguous()
+
+    def _pruned(self, x: torch.Tensor, keep) -> torch.Tensor:
+        """``x [B, H, n, d]`` as the store holds it once appended: packed alone and unpacked (pruned entries
+        zero). Pruning is per token, so this equals those tokens' slice of the whole store's ``dense()``."""
+        store = _BitmapStore(x.shape[0], x.shape[1], self.head_dim, keep, self.dtype, self.device, x.shape[2])
+        store.append(x)
+        return store.dense()
+
+    def mirror_nbytes(self) -> int:
+        """Bytes of the torch path's dense mirror (0 when none is kept); not counted in :meth:`nbytes`."""
+        return 0 if self.mirror is None else self.mirror.nbytes()
 
     def _kernel_applies(self, q_len: int) -> bool:
         owner = self.owner
@@ -152,14 +183,19 @@ class BitmapKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._flush()
+        start = self.get_seq_length()
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.mirror is not None:
+            self.mirror.write(start, key_states, value_states)
         if self._kernel_applies(key_states.shape[-2]):
             k_tag, v_tag = key_states.view(key_states.shape), value_states.view(value_states.shape)
             setattr(k_tag, LAYER_TAG, self)
             return k_tag, v_tag
         if self.compressed_tokens == 0:
             return self.keys, self.values
+        if self.mirror is not None and not (torch.is_grad_enabled() and key_states.requires_grad):
+            return self.mirror.view(self.get_seq_length())  # valid for this step (flushes rewrite slots)
         return (
             torch.cat([self.k_store.dense(), self.keys], dim=-2),
             torch.cat([self.v_store.dense(), self.values], dim=-2),
@@ -180,9 +216,11 @@ class BitmapKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.k_store = self.v_store = None
         self.keys = self.values = None
+        self.mirror = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
+        # Not supported, so the mirror never has to shrink.
         raise NotImplementedError("BitmapKVCache cannot be cropped (pruned entries are gone)")
 
     def _index_batch(self, idx: torch.Tensor) -> None:
@@ -193,6 +231,8 @@ class BitmapKVLayer(CacheLayerMixin):
         self.v_store.index_batch(idx)
         self.keys = self.keys.index_select(0, idx)
         self.values = self.values.index_select(0, idx)
+        if self.mirror is not None:
+            self.mirror.index_batch(idx, self.get_seq_length())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._index_batch(beam_idx)
