@@ -17,13 +17,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-sparsity", type=float, default=None, help="mean sparsity of K and V, e.g. 0.7")
     p.add_argument("--k-sparsity", type=float, default=None, help="mean key sparsity (overrides --kv-sparsity)")
     p.add_argument("--v-sparsity", type=float, default=None, help="mean value sparsity (overrides --kv-sparsity)")
-    p.add_argument("--allocation", default="entropy", choices=("entropy", "uniform"),
-                   help="entropy (low-entropy heads compressed more) or uniform (default entropy)")
-    p.add_argument("--per", default="head", choices=("head", "layer"),
-                   help="one keep count per KV head, or per layer (its heads' mean entropy) (default head)")
+    p.add_argument("--allocation", default="entropy", choices=("entropy", "sensitivity", "uniform"),
+                   help="entropy (low-entropy heads compressed more), sensitivity (measured KL cost of pruning each "
+                        "layer's K / V, greedy minimum under the mean; costs 2 x 4 passes per layer) or uniform "
+                        "(default entropy)")
+    p.add_argument("--per", default=None, choices=("head", "layer"),
+                   help="one keep count per KV head, or per layer (default: head for entropy, layer for sensitivity)")
+    p.add_argument("--kv-pool", default="joint", choices=("joint", "separate"),
+                   help="sensitivity: K and V share one entry budget (joint, default) or keep their own totals")
     p.add_argument("--power", type=float, default=1.0, help="keep ~ (entropy / max) ** power (default 1; 0 = uniform)")
-    p.add_argument("--min-sparsity", type=float, default=None, help="lowest sparsity of any head (default mean - 0.3)")
-    p.add_argument("--max-sparsity", type=float, default=None, help="highest sparsity of any head (default mean + 0.2, <= 0.95)")
+    p.add_argument("--min-sparsity", type=float, default=None, help="lowest sparsity of any head (default mean - 0.3; sensitivity: 0)")
+    p.add_argument("--max-sparsity", type=float, default=None, help="highest sparsity of any head (default mean + 0.2, <= 0.95; "
+                        "sensitivity: that of the smallest measured keep count, 0.95 at head_dim 64)")
     p.add_argument("--calib", default="auto", help="calibration source, as for compress (default auto)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per sequence (default 512)")
@@ -47,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     res = calibrate_kv(args.model, args.kv_sparsity, args.output, k_sparsity=args.k_sparsity,
                        v_sparsity=args.v_sparsity, allocation=args.allocation, calibration=cal, per=args.per,
                        power=args.power, min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity,
-                       device=args.device, dtype=args.dtype, progress=not args.quiet,
+                       joint=args.kv_pool == "joint", device=args.device, dtype=args.dtype, progress=not args.quiet,
                        trust_remote_code=args.trust_remote_code)
     b = res.budgets
     print(f"KV budgets ({b.allocation}) written to {res.path}: {b.layers} layers x {b.heads} KV heads, "

@@ -170,7 +170,8 @@ class KVBudgets:
         head_dim: ``d``.
         k_keep, v_keep: ``[layers][heads]`` entries kept per key / value vector.
         k_sparsity, v_sparsity: the requested mean sparsities (the totals equal their uniform ones).
-        allocation: ``"uniform"`` or ``"entropy"`` (how the counts were made).
+        allocation: ``"uniform"``, ``"entropy"`` or ``"sensitivity"`` (how the counts were made; the last from
+            :func:`llmprune.runtime.kvcache.greedy.sensitivity_budgets`, whose K / V means may differ).
         info: anything else recorded (scores, mapping parameters).
     """
 

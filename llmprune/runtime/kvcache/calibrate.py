@@ -1,7 +1,9 @@
-"""``llmprune calibrate-kv``: per-layer, per-head bitmap KV-cache budgets from calibration entropies (UNComp-style).
+"""``llmprune calibrate-kv``: per-layer, per-head bitmap KV-cache budgets from calibration text.
 
-Scores come from :mod:`llmprune.calibration.entropy`, the integer keep counts from
-:mod:`llmprune.runtime.kvcache.budgets`; the result is saved as ``kv_budgets.json`` and, in a checkpoint, recorded
+Two allocations besides ``uniform``: ``entropy`` (UNComp-style; scores from :mod:`llmprune.calibration.entropy`,
+keep counts from :mod:`llmprune.runtime.kvcache.budgets`) and ``sensitivity`` (the measured end-to-end cost of
+pruning each layer's keys / values, :mod:`llmprune.calibration.kv_sensitivity`, allocated greedily by
+:mod:`llmprune.runtime.kvcache.greedy`; K and V share one pool by default). The result is saved as ``kv_budgets.json`` and, in a checkpoint, recorded
 in ``llmprune.json`` so the runtime options pick it up.
 """
 
@@ -16,11 +18,17 @@ from typing import Any
 import torch
 
 from llmprune.calibration.entropy import kv_entropy_scores
-from llmprune.config import CalibConfig, RuntimeConfig
+from llmprune.calibration.kv_sensitivity import kv_sensitivity
+from llmprune.config import DEFAULT_KV_WINDOW, CalibConfig, RuntimeConfig
 from llmprune.errors import ConfigError
+from llmprune.model.device import on_device
 from llmprune.model.loading import DEFAULT_MODEL
 from llmprune.runtime.calibrate_run import prepare_calibration_run, record_in_checkpoint
 from llmprune.runtime.kvcache.budgets import BUDGETS_FILE, make_budgets
+from llmprune.runtime.kvcache.greedy import sensitivity_budgets
+
+#: ``allocation`` choices of :func:`calibrate_kv`.
+ALLOCATIONS = ("entropy", "sensitivity", "uniform")
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +51,10 @@ def calibrate_kv(
     v_sparsity: float | None = None,
     allocation: str = "entropy",
     calibration: CalibConfig | None = None,
-    per: str = "head",
+    per: str | None = None,
     power: float = 1.0,
+    joint: bool = True,
+    window: int = DEFAULT_KV_WINDOW,
     min_sparsity: float | None = None,
     max_sparsity: float | None = None,
     device: str | torch.device | None = None,
@@ -62,23 +72,47 @@ def calibrate_kv(
     ``llmprune.json`` records the budgets (``recipe.runtime.kv_allocation``, K/V sparsities) so ``generate``,
     ``ppl``, ``eval`` and ``bench`` pick them up.
 
+    With ``allocation="sensitivity"`` the scores are the measured KL cost of pruning each layer's (``per="layer"``,
+    the default there) or KV head's keys / values alone at a few keep counts through the chunked cache of
+    ``window`` dense tokens, and the counts minimise the summed cost greedily; ``joint`` (default) lets K and V
+    trade entries under one K+V total (the recorded K / V sparsities are then the allocation's own means, whose
+    average is the requested one), ``power`` is unused and the bounds default to [0, the smallest measured
+    keep count's sparsity]. ``per`` defaults to ``"head"`` for ``entropy``.
+
     Raises:
         ConfigError: on bad sparsities/bounds/allocation, or no output for a model that is not a checkpoint.
     """
-    if allocation not in ("entropy", "uniform"):
-        raise ConfigError(f"--allocation must be 'entropy' or 'uniform', got {allocation!r}")
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    per = per or ("layer" if allocation == "sensitivity" else "head")
     k = k_sparsity if k_sparsity is not None else kv_sparsity
     v = v_sparsity if v_sparsity is not None else kv_sparsity
     if k is None or v is None:
         raise ConfigError("calibrate-kv needs --kv-sparsity (or both --k-sparsity and --v-sparsity)")
     RuntimeConfig(kv_k_sparsity=k, kv_v_sparsity=v)  # validated as at run time
     make_kw = dict(per=per, power=power, min_sparsity=min_sparsity, max_sparsity=max_sparsity)
-    for s in (k, v):  # bounds and mapping checked before loading anything
-        make_budgets([[1.0]], [[1.0]], 64, s, s, **make_kw)
+    if allocation == "sensitivity":  # bounds checked before loading anything
+        if per not in ("head", "layer"):
+            raise ConfigError(f"--per must be 'head' or 'layer', got {per!r}")
+        sensitivity_budgets([[[1.0]]], [[[1.0]]], [1], 64, 1, k, v, joint=joint, min_sparsity=min_sparsity,
+                            max_sparsity=0.95 if max_sparsity is None else max_sparsity)
+    else:
+        for s in (k, v):  # bounds and mapping checked before loading anything
+            make_budgets([[1.0]], [[1.0]], 64, s, s, **make_kw)
     run = prepare_calibration_run(model_ref, output, "the budgets", calibration, device, dtype, trust_remote_code,
                                   progress)
     out_dir, cal = run.out_dir, run.calibration
     t0 = time.perf_counter()
+    if allocation == "sensitivity":
+        with on_device([run.model], run.device):  # every pass runs the whole model
+            sens = kv_sensitivity(run.model, run.ids, run.device, per=per, window=window, batch_size=1,
+                                  progress=progress)
+        log.info("kv sensitivity: %d layers in %.1fs", len(sens.k), sens.seconds)
+        budgets = sensitivity_budgets(sens.k, sens.v, sens.keeps, sens.head_dim, sens.heads, k, v, joint=joint,
+                                      min_sparsity=min_sparsity, max_sparsity=max_sparsity,
+                                      info={"sensitivity": sens.to_dict(), "calibration": cal.to_dict(),
+                                            "model": str(model_ref or DEFAULT_MODEL)})
+        return _save(out_dir, budgets, {"per": per, "joint": joint, "window": window}, cal)
     scores = kv_entropy_scores(run.model, run.ids, run.device, batch_size=cal.batch_size, progress=progress)
     log.info("kv entropy scores: %d layers x %d heads in %.1fs", len(scores.k), len(scores.k[0]),
              time.perf_counter() - t0)
@@ -87,11 +121,16 @@ def calibrate_kv(
                            info={"scores": scores.to_dict(), "calibration": cal.to_dict(),
                                  "model": str(model_ref or DEFAULT_MODEL)},
                            **(make_kw if allocation == "entropy" else {}))
+    return _save(out_dir, budgets, {"per": per, "power": power}, cal)
+
+
+def _save(out_dir: Path, budgets: Any, mapping: dict, cal: CalibConfig) -> KVCalibrationResult:
+    """Write ``kv_budgets.json``; record it (and the budgets' K / V means) in a checkpoint's ``llmprune.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = budgets.save(out_dir / BUDGETS_FILE)
+    k, v = budgets.k_sparsity, budgets.v_sparsity
     recorded = record_in_checkpoint(
-        out_dir, RuntimeConfig.KV_FIELDS, dict(kv_k_sparsity=float(k), kv_v_sparsity=float(v), kv_allocation=BUDGETS_FILE),
-        "kv_budgets", {"file": BUDGETS_FILE, "allocation": allocation, "k_sparsity": float(k), "v_sparsity": float(v),
-                       "per": per, "power": power,
-                       "calibration": {"source": cal.source, "nsamples": cal.nsamples, "seqlen": cal.seqlen}})
+        out_dir, RuntimeConfig.KV_FIELDS, dict(kv_k_sparsity=k, kv_v_sparsity=v, kv_allocation=BUDGETS_FILE),
+        "kv_budgets", {"file": BUDGETS_FILE, "allocation": budgets.allocation, "k_sparsity": k, "v_sparsity": v,
+                       **mapping, "calibration": {"source": cal.source, "nsamples": cal.nsamples, "seqlen": cal.seqlen}})
     return KVCalibrationResult(path, budgets, recorded)
