@@ -47,9 +47,18 @@ class ActSqNorm:
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
+        self.add_term(*self.term(x))
+
+    @staticmethod
+    def term(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One batch's contribution ``(sum over tokens of x ** 2 [in], tokens)``; the same for every module
+        fed the same input, so :func:`feed_hook` computes it once for them (q/k/v, gate/up)."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.sum += (x * x).sum(0)
-        self.count += x.shape[0]
+        return (x * x).sum(0), x.shape[0]
+
+    def add_term(self, term: torch.Tensor, count: int) -> None:
+        self.sum += term
+        self.count += count
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.sum]
@@ -69,12 +78,20 @@ class Hessian:
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
+        self.add_term(*self.term(x))
+
+    @staticmethod
+    def term(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One batch's contribution ``(X^T X [in, in], tokens)`` (shared by modules fed the same input)."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
         # Not a fused ``addmm_``: each batch's contribution is formed on its own and then added, so a
         # distributed run that adds the same per-batch contributions in the same order is bit-identical
         # (see llmprune.calibration.distributed, "exact" reduction).
-        self.sum += x.t() @ x
-        self.count += x.shape[0]
+        return x.t() @ x, x.shape[0]
+
+    def add_term(self, term: torch.Tensor, count: int) -> None:
+        self.sum += term
+        self.count += count
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.sum]
@@ -86,12 +103,29 @@ class Hessian:
 STATS = {"act_sq_norm": ActSqNorm, "hessian": Hessian}
 
 
-def feed_hook(accumulators: Mapping[str, Accumulator]) -> Callable:
-    """Forward hook that adds the module's input to every accumulator in ``accumulators`` (name -> acc)."""
+def feed_hook(accumulators: Mapping[str, Accumulator], memo: dict | None = None) -> Callable:
+    """Forward pre-hook that adds the module's input to every accumulator in ``accumulators`` (name -> acc).
 
-    def hook(module, args, output):  # must return None: a value would replace the output
+    Args:
+        accumulators: ``{statistic name: accumulator}`` of one module.
+        memo: shared by the hooks of one batch (cleared by the caller between batches): an accumulator with a
+            ``term(x)`` method gets the term already computed for the same input tensor (same object, not
+            modified since) by another module's hook, e.g. q/k/v or gate/up of a decoder layer, which all read
+            one tensor. The sums are bit-identical to computing it per module.
+    """
+
+    def hook(module, args):  # must return None: a value would replace the input
+        x = args[0]
         for acc in accumulators.values():
-            acc.add(args[0])
+            term_of = getattr(acc, "term", None)
+            if memo is None or term_of is None:
+                acc.add(x)
+                continue
+            key = (type(acc), id(x), x._version)
+            hit = memo.get(key)
+            if hit is None or hit[0] is not x:
+                hit = memo[key] = (x, term_of(x))  # x kept alive so its id is not reused within the batch
+            acc.add_term(*hit[1])
 
     return hook
 

@@ -122,6 +122,7 @@ def verify_pruned(name: str, weight: torch.Tensor, pattern: SparsityPattern | No
         raise PruneIntegrityError(f"internal error: {name} is not {pattern} sparse after {method}; nothing was saved")
 
 
+
 def new_accumulators(method: Method, targets: Mapping[str, nn.Linear], device: torch.device) -> Accumulators:
     """Empty ``{module name: {statistic: accumulator}}`` for every statistic ``method`` needs."""
     return {name: {s: make_accumulator(s, mod, device) for s in method.stats} for name, mod in targets.items()}
@@ -158,7 +159,7 @@ def apply_method(
         new_weight, mask = method.fn(mod.weight.data, results, config)
         mod.weight.data.copy_(new_weight)
         verify_pruned(f"{prefix}.{idx}.{name}", mod.weight.data, config.sparsity, method.name)
-        sparsity = 1.0 - float(mask.sum().item()) / mask.numel()
+        sparsity = 1.0 - int(torch.count_nonzero(mask)) / mask.numel()
         secs = time.perf_counter() - t1 + stat_seconds / max(len(targets), 1)
         reports.append(ModuleReport(f"{prefix}.{idx}.{name}", idx, tuple(mod.weight.shape), sparsity, secs, method.name))
     return reports
@@ -228,7 +229,8 @@ def prune_layer(
                 batches = [*batches, *[_no_batch] * (reduce.rounds - len(batches))]
                 fresh = partial(new_accumulators, method, targets, device)
                 on_batch = lambda position, _value, batch_stats: exchange(position, batch_stats, stats)  # noqa: E731
-            collect(targets, stats, batches, fresh=fresh, on_batch=on_batch)
+            # Only the statistics are needed from this pass (recovery records outputs, so runs it in full).
+            collect(targets, stats, batches, fresh=fresh, on_batch=on_batch, stop_early=not recovering)
             if reduce is not None and reduce.finish is not None:
                 reduce.finish(stats)
         elif recovering:  # a data-free method: the dense pass runs for the recovery alone

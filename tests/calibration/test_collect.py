@@ -27,7 +27,7 @@ def test_collect_feeds_totals_and_shows_each_batch():
             on_batch=lambda i, io, fed: seen.append((i, io[0].shape[0], fed["lin"]["a"] is acc)))
     assert seen == [(0, 2, True), (1, 4, True)]
     assert acc.count == 6 and torch.allclose(acc.result(), torch.cat(xs).pow(2).mean(0))
-    assert not lin._forward_hooks
+    assert not lin._forward_hooks and not lin._forward_pre_hooks
 
 
 def test_collect_fresh_accumulators_per_batch_and_hooks_removed_on_error():
@@ -44,7 +44,7 @@ def test_collect_fresh_accumulators_per_batch_and_hooks_removed_on_error():
 
     with pytest.raises(RuntimeError):
         collect({"lin": lin}, {"lin": {"a": total}}, [boom])
-    assert not lin._forward_hooks
+    assert not lin._forward_hooks and not lin._forward_pre_hooks
 
 
 def test_clip_seqlen_to_model_context():
