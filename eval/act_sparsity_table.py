@@ -33,7 +33,7 @@ from llmprune.evaluate.perplexity import perplexity, token_stream, wikitext2_tex
 from llmprune.runtime.actsparse.allocation import uniform_path
 from llmprune.runtime.actsparse.apply import attach_act_sparsity, detach_act_sparsity
 from llmprune.runtime.actsparse.calibrate import calibrate_act
-from llmprune.runtime.actsparse.thresholds import ActThresholds
+from llmprune.runtime.actsparse.thresholds import ActThresholds, load_thresholds
 
 LEVELS = (0.25, 0.4, 0.5)
 
@@ -45,7 +45,8 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
              f"WikiText-2 perplexity, {meta['windows']} non-overlapping 512-token windows (first {meta['windows']}; "
              f"the foundation protocol uses 100), every token sparsified (prefill too). Thresholds calibrated on "
              f"{meta['nsamples']} x {meta['seqlen']} C4 tokens (seed 0), one greedy run at {max(LEVELS):.0%} (TEAL's "
-             f"block-wise greedy path, step {meta['step']}, block error on {meta['greedy_tokens']} tokens; lower "
+             f"block-wise greedy path, step {meta['step']}, {meta.get('greedy_error', 'relative')} block error on "
+             f"{meta['greedy_tokens']} tokens; lower "
              "levels read off the path); uniform rows use the same run's threshold tables with every group at the "
              "level. CPU, fp32, torch path (the exact reference). "
              f"Written by `eval/act_sparsity_table.py` on {meta['host']}.", "",
@@ -72,17 +73,23 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--greedy-tokens", type=int, default=1024)
-    ap.add_argument("--step", type=float, default=0.1)
+    ap.add_argument("--batch-size", type=int, default=2, help="calibration sequences per forward (the greedy "
+                    "block error uses whole batches)")
+    ap.add_argument("--step", type=float, default=0.025)
+    ap.add_argument("--greedy-error", default="relative", choices=("relative", "teal"),
+                    help="block error measure of the greedy allocation (llmprune.runtime.actsparse.calibrate)")
+    ap.add_argument("--save-thresholds", default=None, help="also save the greedy thresholds in this directory")
+    ap.add_argument("--thresholds", default=None, help="reuse greedy thresholds saved by --save-thresholds")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     shared = Path(args.shared)
     calib = CalibConfig(source=str(shared / "data" / "c4" / "c4_validation_2k.parquet"), nsamples=args.nsamples,
-                        seqlen=args.seqlen, seed=0, batch_size=2)
+                        seqlen=args.seqlen, seed=0, batch_size=args.batch_size)
     tok = llmprune.load_tokenizer("smollm2-135m")
     ids = token_stream(tok, wikitext2_text(shared / "data" / "wikitext2" / "wiki.test.raw.txt"))
     model = llmprune.load("smollm2-135m", dtype="float32")
     meta = {"windows": args.windows, "nsamples": args.nsamples, "seqlen": args.seqlen, "step": args.step,
-            "greedy_tokens": args.greedy_tokens, "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
+            "greedy_tokens": args.greedy_tokens, "greedy_error": args.greedy_error, "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
             "torch": torch.__version__}
     out = Path(args.out)
     rows: list[dict] = []
@@ -96,13 +103,20 @@ def main() -> None:
         rows.append({"allocation": "dense", "target": 0.0, "measured": None, "ppl": dense.ppl,
                      "eval_s": time.perf_counter() - t0})
     write(out, rows, meta)
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        res = calibrate_act("smollm2-135m", max(LEVELS), Path(tmp), allocation="greedy", calibration=calib,
-                            greedy_tokens=args.greedy_tokens, step=args.step, device="cpu", dtype="float32",
-                            progress=False)
-        calib_s = round(time.perf_counter() - t0)
-    g = res.thresholds
+    if args.thresholds:
+        g = load_thresholds(args.thresholds)
+        calib_s = g.info.get("seconds", "-")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            res = calibrate_act("smollm2-135m", max(LEVELS), Path(tmp), allocation="greedy", calibration=calib,
+                                greedy_tokens=args.greedy_tokens, step=args.step, greedy_error=args.greedy_error,
+                                device="cpu", dtype="float32",
+                                progress=False)
+            calib_s = round(time.perf_counter() - t0)
+        g = res.thresholds
+        if args.save_thresholds:
+            g.save(args.save_thresholds)
     meta["block_error"] = g.info.get("block_error")
     levels, path = uniform_path()
     uniform = ActThresholds(g.quantiles, torch.tensor(levels), torch.tensor(path).expand(g.layers, -1, -1).clone(),

@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=float, default=0.025,
                    help="greedy: block sparsity per step (default 0.025; 0.1 is too coarse to beat uniform, see "
                         "eval/results/act_greedy_step_diag.md)")
+    p.add_argument("--greedy-error", default="relative", choices=("relative", "teal"),
+                   help="greedy: block error measure, relative (squared, every position) or teal (TEAL's: the last "
+                        "quarter of the positions, L2 per channel; not dominated by the first token) "
+                        "(default relative)")
     p.add_argument("--greedy-tokens", type=int, default=4096,
                    help="greedy: calibration tokens the block error is measured on (default 4096)")
     p.add_argument("--calib", default="auto", help="calibration source, as for compress (default auto)")
@@ -43,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         check_output_dir(args.output, "--output")
     res = calibrate_act(args.model, args.act_sparsity, args.output, allocation=args.allocation, calibration=cal,
-                        greedy_tokens=args.greedy_tokens, step=args.step, device=args.device, dtype=args.dtype,
+                        greedy_tokens=args.greedy_tokens, step=args.step, greedy_error=args.greedy_error,
+                        device=args.device, dtype=args.dtype,
                         progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     th = res.thresholds
     sp = th.group_sparsities()
@@ -53,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     errs = th.info.get("block_error")
     if errs:
         g, u = errs["greedy"], errs["uniform"]
-        print(f"block output error (relative, mean over layers): greedy {sum(g) / len(g):.3e}, "
+        print(f"block output error ({th.info.get('greedy_error', 'relative')}, mean over layers): greedy "
+              f"{sum(g) / len(g):.3e}, "
               f"uniform {sum(u) / len(u):.3e}")
     if res.recorded_in is not None:
         print(f"recorded in {res.recorded_in} (runtime.act_thresholds); generate/ppl/eval/bench use it")

@@ -67,6 +67,8 @@ def evaluate(
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     seed: int = 1234,
     log_samples: bool = False,
+    act_scoring: str = "forward",
+    act_correction: int | None = None,
 ) -> dict:
     """Run lm-eval on an already-loaded model.
 
@@ -82,6 +84,11 @@ def evaluate(
         include_path: extra lm-eval task directories (a user's own YAMLs); they override both.
         seed: lm-eval random seeds.
         log_samples: keep per-sample outputs in the returned dict.
+        act_scoring: ``"forward"`` (lm-eval's one forward per request) or ``"decode"``: with activation sparsity,
+            each continuation is scored as decode steps after a prefill of the context
+            (:mod:`llmprune.evaluate.lm_eval_decode`); implied by ``act_correction``.
+        act_correction: with ``"decode"``, the dense model rewrites the KV entries of every ``K`` continuation
+            tokens (Sirius-style).
 
     Returns:
         lm-eval's results dict (``results``, ``configs``, ``versions``, ``n-samples``, ``config`` ...), made
@@ -118,7 +125,14 @@ def evaluate(
             raise ConfigError(f"unknown lm-eval task(s): {', '.join(unknown)}{hint}")
         if limit is not None and limit <= 0:
             raise ConfigError(f"--limit must be > 0, got {limit}")
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        if act_scoring not in ("forward", "decode"):
+            raise ConfigError(f"--act-scoring must be forward or decode, got {act_scoring!r}")
+        if act_scoring == "decode" or act_correction is not None:
+            from llmprune.evaluate.lm_eval_decode import decode_scoring_lm
+
+            lm = decode_scoring_lm(model, tokenizer, act_correction, batch_size=batch_size)
+        else:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         with _quiet_git_hash():
             results = _simple_evaluate(lm_eval, lm, names, num_fewshot, limit, manager, log_samples, seed)
     finally:
@@ -132,6 +146,8 @@ def evaluate(
         "offline_tasks": [n for n in names if n in offline],
         "include_path": [p for p in includes if not (tmp and p.startswith(tmp.name))],
     }
+    if getattr(lm, "act_scoring", None):
+        results["llmprune"]["act_scoring"] = {**lm.act_scoring, "stats": lm.act_scoring["stats"].to_dict()}
     return results
 
 

@@ -126,6 +126,24 @@ def test_greedy_block_error_not_worse_than_uniform_on_a_tiny_model():
         th.thresholds(0.6)
 
 
+def test_block_error_measures_and_the_teal_option():
+    from llmprune.runtime.actsparse.calibrate import block_error
+
+    r = torch.ones(1, 8, 2)
+    y = r.clone()
+    y[0, 0] += 100.0  # a massive first position
+    y[0, 7, 0] += 3.0
+    y[0, 6, 1] += 4.0
+    assert block_error([y], [r]) == pytest.approx((2 * 100.0 ** 2 + 9 + 16) / 16)  # dominated by position 0
+    # teal: positions 6..7 only, L2 over them per channel (3 and 4), mean over channels
+    assert block_error([y], [r], "teal") == pytest.approx(3.5)
+    model = tiny_llama()
+    th, _ = _tables(model, "greedy", greedy_tokens=64, step=0.25, greedy_error="teal")
+    assert th.info["greedy_error"] == "teal" and all(abs(b - 0.5) < 1e-6 for b in th.block_sparsity())
+    with pytest.raises(ConfigError, match="--greedy-error"):
+        _tables(model, "greedy", greedy_error="l1")
+
+
 def test_thresholds_save_load_round_trip(tmp_path):
     model = tiny_llama()
     th, _ = _tables(model, "greedy", greedy_tokens=64, step=0.5)

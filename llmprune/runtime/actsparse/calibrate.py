@@ -6,9 +6,15 @@ the four groups (:data:`~llmprune.runtime.actsparse.thresholds.GROUPS`) feed a u
 (:class:`~llmprune.calibration.magnitudes.AbsSample`) through the calibration hooks
 (:func:`llmprune.calibration.collect.collect`), which gives each group's threshold table. With
 ``allocation="greedy"`` the layer's group sparsities follow TEAL's greedy path
-(:func:`~llmprune.runtime.actsparse.allocation.greedy_path`) with the block error measured as
-``sum ||y_sparse - y||^2 / sum ||y||^2`` over the first ``greedy_tokens`` calibration tokens (``y``: the dense
-block output, residual included). The result is saved as ``act_thresholds.{json,safetensors}``; in a checkpoint
+(:func:`~llmprune.runtime.actsparse.allocation.greedy_path`) with the block error measured on the first
+``greedy_tokens`` calibration tokens (``y``: the dense block output, residual included) as
+
+* ``greedy_error="relative"``: ``sum ||y_sparse - y||^2 / sum ||y||^2`` over every position. Squared and summed,
+  it is dominated by the few positions with massive residual norms (the first token of a sequence);
+* ``greedy_error="teal"``: TEAL's reference measure (``calculate_activation_error`` of its greedy script): only
+  the last quarter of each sequence's positions, the L2 norm over those positions per channel, averaged over
+  channels and sequences. It leaves out the early positions and does not square, so no single position or
+  channel dominates the choice. The result is saved as ``act_thresholds.{json,safetensors}``; in a checkpoint
 directory ``llmprune.json`` records it (``recipe.runtime.act_thresholds`` / ``act_sparsity``) so ``generate``,
 ``ppl``, ``eval`` and ``bench`` apply it.
 """
@@ -58,15 +64,31 @@ class ActCalibrationResult:
     recorded_in: Path | None = None
 
 
-def _rel_error(layer: nn.Module, inputs, refs: list[torch.Tensor], batches: int, ts: dict[str, float]) -> float:
-    num = den = 0.0
-    with sparsified_layer(layer, ts):
-        for j in range(batches):
-            y = run_layer(layer, inputs, j).float()
-            r = refs[j].float()
-            num += float(((y - r) ** 2).sum())
-            den += float((r ** 2).sum())
+#: Block error measures of the greedy allocation (see the module doc).
+GREEDY_ERRORS = ("relative", "teal")
+#: ``greedy_error="teal"``: the fraction of each sequence's last positions measured (TEAL's ``last_fraction``).
+TEAL_LAST_FRACTION = 0.25
+
+
+def block_error(ys: list[torch.Tensor], refs: list[torch.Tensor], metric: str = "relative") -> float:
+    """Error of block outputs ``ys`` against the dense ``refs`` (``[b, s, h]`` each), by ``metric`` (module doc)."""
+    if metric == "teal":
+        norms = []
+        for y, r in zip(ys, refs):
+            start = int(y.shape[1] * (1 - TEAL_LAST_FRACTION))
+            d = y[:, start:].float() - r[:, start:].float()
+            norms.append(torch.linalg.vector_norm(d, dim=1).mean())  # L2 over positions: [b, h], then the mean
+        return float(torch.stack(norms).mean())
+    num = sum(float(((y.float() - r.float()) ** 2).sum()) for y, r in zip(ys, refs))
+    den = sum(float((r.float() ** 2).sum()) for r in refs)
     return num / max(den, 1e-30)
+
+
+def _block_error(layer: nn.Module, inputs, refs: list[torch.Tensor], batches: int, ts: dict[str, float],
+                 metric: str = "relative") -> float:
+    with sparsified_layer(layer, ts):
+        ys = [run_layer(layer, inputs, j) for j in range(batches)]
+    return block_error(ys, refs[:batches], metric)
 
 
 def _grid(target: float, step: float) -> list[float]:
@@ -93,8 +115,8 @@ def _resample(levels: list[float], path: list[list[float]], grid: list[float]) -
 @torch.no_grad()
 def act_threshold_tables(model: nn.Module, input_ids: torch.Tensor, device: torch.device, target: float,
                          allocation: str = "uniform", *, batch_size: int = 8, greedy_tokens: int = 4096,
-                         step: float = 0.025, capacity: int = DEFAULT_CAPACITY, progress: bool = False
-                         ) -> ActThresholds:
+                         step: float = 0.025, capacity: int = DEFAULT_CAPACITY, progress: bool = False,
+                         greedy_error: str = "relative") -> ActThresholds:
     """Thresholds of every layer of ``model`` for model-level sparsity ``target`` (see the module doc).
 
     Args:
@@ -108,9 +130,12 @@ def act_threshold_tables(model: nn.Module, input_ids: torch.Tensor, device: torc
         step: greedy block-sparsity step.
         capacity: ``|x|`` values sampled per group and layer.
         progress: progress bar over the layers.
+        greedy_error: block error measure of the greedy allocation, ``"relative"`` or ``"teal"`` (module doc).
     """
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"--allocation must be uniform or greedy, got {allocation!r}")
+    if greedy_error not in GREEDY_ERRORS:
+        raise ConfigError(f"--greedy-error must be one of {', '.join(GREEDY_ERRORS)}, got {greedy_error!r}")
     layers = decoder_layers(model)
     inputs = capture_layer_inputs(model, input_ids, device, batch_size)
     per_batch = batch_size * input_ids.shape[1]
@@ -143,7 +168,7 @@ def act_threshold_tables(model: nn.Module, input_ids: torch.Tensor, device: torc
 
             def error(sp: list[float], table=table, layer=layer, outs=outs) -> float:
                 ts = {g: interp_table(table[gi], sp[gi]) for gi, g in enumerate(GROUP_NAMES)}
-                return _rel_error(layer, inputs, outs, n_eval, ts)
+                return _block_error(layer, inputs, outs, n_eval, ts, greedy_error)
 
             if allocation == "greedy":
                 levels, path, errs = greedy_path(error, w, target, step)
@@ -159,7 +184,7 @@ def act_threshold_tables(model: nn.Module, input_ids: torch.Tensor, device: torc
         inputs.hidden = outs
     info = {"tokens": int(input_ids.numel()), "sample_capacity": capacity, "table_points": TABLE_POINTS}
     if allocation == "greedy":
-        info.update(step=step, greedy_tokens=n_eval * per_batch, block_error=errors)
+        info.update(step=step, greedy_tokens=n_eval * per_batch, greedy_error=greedy_error, block_error=errors)
     return ActThresholds(torch.stack(tables), torch.tensor(levels_all, dtype=torch.float32), torch.stack(paths),
                          torch.tensor(params, dtype=torch.int64), float(target), allocation, info)
 
@@ -173,6 +198,7 @@ def calibrate_act(
     calibration: CalibConfig | None = None,
     greedy_tokens: int = 4096,
     step: float = 0.025,
+    greedy_error: str = "relative",
     device: str | torch.device | None = None,
     dtype: str = "auto",
     progress: bool = True,
@@ -192,6 +218,8 @@ def calibrate_act(
         raise ConfigError(f"--allocation must be uniform or greedy, got {allocation!r}")
     if not 0 < step <= 1:
         raise ConfigError(f"--step must be in (0, 1], got {step!r}")
+    if greedy_error not in GREEDY_ERRORS:
+        raise ConfigError(f"--greedy-error must be one of {', '.join(GREEDY_ERRORS)}, got {greedy_error!r}")
     if isinstance(greedy_tokens, bool) or not isinstance(greedy_tokens, int) or greedy_tokens < 1:
         raise ConfigError(f"--greedy-tokens must be an integer >= 1, got {greedy_tokens!r}")
     run = prepare_calibration_run(model_ref, output, "the thresholds", calibration, device, dtype,
@@ -200,7 +228,8 @@ def calibrate_act(
     t0 = time.perf_counter()
     th = act_threshold_tables(run.model, run.ids, run.device, float(act_sparsity), allocation,
                               batch_size=cal.batch_size,
-                              greedy_tokens=greedy_tokens, step=step, progress=progress)
+                              greedy_tokens=greedy_tokens, step=step, progress=progress,
+                              greedy_error=greedy_error)
     th.info.update(calibration=cal.to_dict(), model=str(model_ref or DEFAULT_MODEL),
                    seconds=round(time.perf_counter() - t0, 1))
     log.info("activation thresholds (%s, %.0f%%): %d layers in %.1fs", allocation, 100 * act_sparsity, th.layers,

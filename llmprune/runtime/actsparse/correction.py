@@ -67,7 +67,7 @@ def _forward(model: nn.Module, ids: torch.Tensor, cache, key: str):
     return out.logits, output_cache(out)  # [1, len(ids), vocab]
 
 
-def _crop_to(cache, length: int) -> None:
+def crop_cache(cache, length: int) -> None:
     """Keep the first ``length`` positions (``crop(-n)`` removes ``n`` in every transformers version)."""
     extra = cache.get_seq_length() - length
     if extra > 0:
@@ -116,7 +116,7 @@ def generate_with_correction(model: nn.Module, input_ids: torch.Tensor, max_new_
                 drafts.append(logits[:, -1].argmax(-1))
                 if len(drafts) < period:
                     fed.append(drafts[-1])
-            _crop_to(cache, length)
+            crop_cache(cache, length)
             rt.enabled = False  # the dense verifier: same weights, every input kept
             logits, cache = _forward(model, torch.stack(fed, 1), cache, key)
             dense = logits[0].argmax(-1)  # [K]: dense choice after each fed token
@@ -127,7 +127,7 @@ def generate_with_correction(model: nn.Module, input_ids: torch.Tensor, max_new_
             kept = [int(t) for t in fed[: j + 1]] if j < period else [int(t) for t in fed]
             out.extend(kept)
             if j < period:
-                _crop_to(cache, length + j + 1)
+                crop_cache(cache, length + j + 1)
                 pending = dense[j : j + 1]  # the dense choice replaces the first disagreeing draft
             else:
                 pending = drafts[-1]
