@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from llmprune.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported by the functions that use it: llmprune.config (and so the CLI's --help,
+    import torch  # whose flags come from the config dataclasses) imports SparsityPattern without torch
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -91,6 +93,8 @@ def per_row_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
     Returns:
         ``[out, in]`` bool keep-mask with exactly ``in - floor(in*ratio)`` True per row.
     """
+    import torch
+
     cols = score.shape[-1]
     k = int(cols * ratio)
     mask = torch.ones_like(score, dtype=torch.bool)
@@ -110,6 +114,8 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         bool mask shaped like ``x`` with exactly ``k`` True per vector.
     """
+    import torch
+
     d = x.shape[-1]
     if not 1 <= k <= d:
         raise ValueError(f"k must be in [1, {d}], got {k}")
@@ -131,6 +137,8 @@ def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         ``[k]`` sorted LongTensor.
     """
+    import torch
+
     if not 0 < k <= score.numel():
         raise ConfigError(f"cannot keep {k} of {score.numel()} channels")
     order = torch.argsort(score.float(), descending=True, stable=True)
@@ -147,6 +155,8 @@ def tensor_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
     Returns:
         bool keep-mask shaped like ``score``.
     """
+    import torch
+
     flat = score.reshape(-1)
     k = int(flat.numel() * ratio)
     mask = torch.ones_like(flat, dtype=torch.bool)
@@ -167,6 +177,8 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     Raises:
         ValueError: if ``in`` is not a multiple of ``m``.
     """
+    import torch
+
     rows, cols = score.shape[-2], score.shape[-1]
     if cols % m:
         raise ValueError(f"input dim {cols} is not a multiple of M={m}; cannot apply {n}:{m} sparsity")

@@ -18,7 +18,7 @@ HELP = "checkpoint bytes, peak memory, prefill and decode tokens/s vs the dense 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from llmprune.runtime.options import add_runtime_arguments  # heavy: only for this command's parser
+    from llmprune.runtime.flags import add_runtime_arguments  # light (no torch): --help answers at once
 
     add_model_arguments(p, positional_help="checkpoint directory, HF id or alias (default: smollm2-135m)")
     p.add_argument("--baseline", default="auto", metavar="BASE", help="dense baseline: auto (the checkpoint's base_model; none for other models), none, or a model")

@@ -24,11 +24,11 @@ _SHARED_METHOD_FLAGS = ("recover_steps",)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from llmprune.commands.method_flags import add_method_arguments
-    from llmprune.prune.registry import available_methods, get_method
+    from llmprune.commands.method_flags import add_method_arguments, builtin_schema
 
+    methods = builtin_schema()  # the method configs' fields, without importing torch (method_flags docstring)
     add_model_arguments(p, positional_help="HF id, local directory or alias (default: smollm2-135m, offline)")
-    p.add_argument("--method", default=None, help=f"{', '.join(available_methods())} (default: wanda)")
+    p.add_argument("--method", default=None, help=f"{', '.join(methods)} (default: wanda)")
     p.add_argument("--sparsity", default=None, help="N:M such as 2:4 / 4:8, or a ratio such as 0.5 (default 2:4)")
     p.add_argument("--recipe", default=None, help="YAML recipe (flags given explicitly override it)")
     p.add_argument("--calib", default=None, help="auto (default), c4, wikitext2, self, a .txt/.jsonl/.parquet file or a datasets name")
@@ -78,8 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how llmprune.json records local paths (base model, calibration file, command): relative "
                         "to the output directory (default; no user name or directory layout) or absolute")
     # last: every method-config field not spelled above gets its flag (--prune-heads, --blocksize, --allocation ...)
-    add_method_arguments(p, {name: get_method(name).config_cls for name in available_methods()},
-                         shared=_SHARED_METHOD_FLAGS)
+    add_method_arguments(p, methods, shared=_SHARED_METHOD_FLAGS)
 
 
 def format_plan(plan: dict) -> str:

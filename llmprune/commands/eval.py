@@ -28,7 +28,7 @@ def _limit(text: str) -> int | float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from llmprune.commands.eval_longctx import add_longctx_arguments
-    from llmprune.runtime.options import add_runtime_arguments  # heavy: only for this command's parser
+    from llmprune.runtime.flags import add_runtime_arguments  # light (no torch): --help answers at once
 
     add_model_arguments(p, positional_help="checkpoint directory, HF id or alias (default: smollm2-135m)")
     p.add_argument("--tasks", default=None, help=f"comma-separated lm-eval task names (offline copies: {','.join(OFFLINE_TASKS)})")
@@ -44,6 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype of the baseline run (default: the dtype the model runs in)")
     p.add_argument("--no-record", action="store_true", help="do not merge results into DIR/eval_results.json")
     p.add_argument("--seed", type=int, default=1234, help="lm-eval random seed (default 1234)")
+    p.add_argument("--act-scoring", default="forward", choices=("forward", "decode"),
+                   help="with activation sparsity: forward (lm-eval's one forward per request, a prefill: dense "
+                        "unless --act-prefill yes) or decode (context prefilled, continuation scored as sparse "
+                        "decode steps, as the runtime produces it) (default forward)")
+    p.add_argument("--act-correction", type=int, default=None, metavar="K",
+                   help="with --act-scoring decode (implied): the dense model rewrites the KV entries of every K "
+                        "continuation tokens (Sirius-style); scores stay the sparse model's")
     add_longctx_arguments(p)
     add_runtime_arguments(p)
 
@@ -91,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.evaluate.lm_eval import evaluate, format_table, lm_eval_entries
     from llmprune.model.device import resolve_device
     from llmprune.model.loading import load_tokenizer
+    from llmprune.runtime.flags import runtime_dtype
     from llmprune.runtime.load import load_model
     from llmprune.runtime.options import resolve_runtime, runtime_from_args, runtime_setup
 
@@ -115,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     for ref, is_base in runs:
         tokenizer = load_tokenizer(ref, args.trust_remote_code)
         # the baseline runs in the model's dtype unless --baseline-dtype: the comparison is pruning, not dtype
-        dtype = (args.baseline_dtype or model_dtype or args.dtype) if is_base else args.dtype
+        dtype = (args.baseline_dtype or model_dtype or args.dtype) if is_base else runtime_dtype(args.dtype, device)
         model = load_model(ref, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
                            runtime=RuntimeConfig() if is_base else runtime)
         run_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -126,20 +134,27 @@ def run(args: argparse.Namespace) -> int:
         if not is_base and (runtime.kv_sparsity or runtime.kv_k_sparsity or runtime.kv_v_sparsity):
             print("# note: the KV cache sparsity only changes decoding with a cache; lm-eval's loglikelihood tasks "
                   "run one forward pass per request without one, so their scores are unaffected by it", file=out)
+        decode_scoring = not is_base and (args.act_scoring == "decode" or args.act_correction is not None)
         if not is_base and (runtime.act_sparsity is not None or runtime.act_thresholds is not None) \
-                and not runtime.act_prefill:
+                and not runtime.act_prefill and not decode_scoring:
             print("# note: activation sparsity applies to decode steps; lm-eval's loglikelihood requests are "
-                  "multi-token forwards, so they run dense unless --act-prefill yes", file=out)
+                  "multi-token forwards, so they run dense unless --act-prefill yes or --act-scoring decode",
+                  file=out)
         results = evaluate(
             model, tokenizer, args.tasks, limit=args.limit, batch_size=batch_size, num_fewshot=args.num_fewshot,
             data_dir=args.data_dir, include_path=args.include_path, seed=args.seed,
+            act_scoring="decode" if decode_scoring else "forward",
+            act_correction=args.act_correction if decode_scoring else None,
         )
         results.setdefault("llmprune", {}).update(model=str(ref), features=setup.features, runtime=setup.options,
                                                   dtype=run_dtype)
         print(format_table(results), file=out)
         full["baseline" if is_base else "model"] = results
         if record:
-            entries = lm_eval_entries(results, model=str(ref), runtime=setup.options if not is_base else None)
+            options = dict(setup.options)
+            if decode_scoring:  # its own eval_results.json key: not the forward-scored result
+                options.update(act_scoring="decode", act_correction=args.act_correction)
+            entries = lm_eval_entries(results, model=str(ref), runtime=options if not is_base else None)
             path = record_results(args.model, "lm_eval", entries, baseline=is_base)
         del model
     if record:

@@ -14,7 +14,7 @@ HELP = "generate text (greedy by default), optionally with the pruned bitmap KV 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from llmprune.runtime.options import add_runtime_arguments  # heavy: only for this command's parser
+    from llmprune.runtime.flags import add_runtime_arguments  # light (no torch): --help answers at once
 
     add_model_arguments(p, positional_help="checkpoint directory, HF id or alias (default: smollm2-135m)")
     p.add_argument("--prompt", action="append", required=True,
@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.model.access import cache_argument
     from llmprune.model.device import resolve_device
     from llmprune.model.loading import load_tokenizer
+    from llmprune.runtime.flags import runtime_dtype
     from llmprune.runtime.load import load_model
     from llmprune.runtime.options import resolve_runtime, runtime_from_args, runtime_setup
 
@@ -83,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     runtime = resolve_runtime(args.model, runtime_from_args(args))
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    model = load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code,
-                       runtime=runtime)
+    model = load_model(args.model, dtype=runtime_dtype(args.dtype, device), device=device,
+                       trust_remote_code=args.trust_remote_code, runtime=runtime)
     prompts = _prompts(args, tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from llmprune.runtime.options import add_runtime_arguments  # heavy: only for this command's parser
+    from llmprune.runtime.flags import add_runtime_arguments  # light (no torch): --help answers at once
 
     add_model_arguments(p, positional_help="checkpoint directory, HF id or alias (default: smollm2-135m)")
     p.add_argument("--data-path", default=None, help="wiki.test.raw.txt (offline); default: wikitext-2-raw-v1 via datasets")
@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.model.device import resolve_device
     from llmprune.model.loading import load_tokenizer
     from llmprune.runtime.actsparse.apply import act_sparsity
+    from llmprune.runtime.flags import runtime_dtype
     from llmprune.runtime.load import load_model
     from llmprune.runtime.options import resolve_runtime, runtime_from_args, runtime_setup
 
@@ -76,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--data-path {args.data_path} is not a UTF-8 text file (byte {exc.start})") from None
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    model = load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code,
-                       runtime=runtime)
+    model = load_model(args.model, dtype=runtime_dtype(args.dtype, device), device=device,
+                       trust_remote_code=args.trust_remote_code, runtime=runtime)
     ids = token_stream(tokenizer, text)
     gates_rt = runtime_setup(model).gates
     if gates_rt is not None:  # measure how much true attention mass the kept blocks hold

@@ -1,9 +1,20 @@
 """Safetensors shards: one shard planner for every writer, and a writer that fills planned shards in any order.
 
-:func:`plan_shards` cuts an ordered list of tensors into shards of at most ``max_shard_size`` bytes (a tensor
-larger than the limit gets a shard of its own); :class:`ShardWriter` (the streaming engine's) writes each
-shard's header up front and each tensor's bytes at its final offset as soon as it is ready, so a whole state
-dict never has to be in memory.
+The planner is huggingface_hub's (:func:`huggingface_hub.split_torch_state_dict_into_shards`, the one
+``transformers``' ``save_pretrained`` uses): tensors in order, a new shard when the next one would pass
+``max_shard_size``, a tensor larger than the limit in a shard of its own. Two writers follow it:
+
+* :func:`save_shards` (whole state dict in memory, e.g. the packed format's saver) is
+  :func:`huggingface_hub.save_torch_state_dict` itself;
+* :class:`ShardWriter` (the streaming engine's) has no library equivalent: it writes each shard's header up
+  front and each tensor's bytes at its final offset as soon as it is ready (in any order, across a resume), so
+  a whole state dict never has to be in memory. It gets its plan from :func:`plan_shards`, which runs the same
+  library planner on meta tensors (only shapes and dtypes count), so both writers cut shards identically.
+
+File names and the ``model.safetensors.index.json`` index are transformers' (``model.safetensors`` alone, else
+``model-0000i-of-0000n.safetensors`` + index; the streaming writer always uses the numbered names and index).
+Atomicity is the callers': both write into a work directory that is swapped into place at the end
+(:mod:`llmprune.formats.output`, the engine's ``<output>.partial/``).
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -39,25 +51,55 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
         _ST_DTYPES[getattr(torch, _name)] = _code
 
 
-def plan_shards(sizes: list[int], max_shard_size: int = DEFAULT_SHARD_SIZE) -> list[list[int]]:
-    """Group tensors (by index, in order) into shards of at most ``max_shard_size`` bytes each.
+#: transformers' safetensors file names (``suffix``: "" or ``-0000i-of-0000n``).
+SHARD_PATTERN = "model{suffix}.safetensors"
+
+
+def plan_shards(
+    entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    *,
+    single_name: bool = True,
+) -> dict[str, list[str]]:
+    """Cut tensors (in order) into shards of at most ``max_shard_size`` bytes with huggingface_hub's planner.
 
     Args:
-        sizes: bytes of each tensor, in the order they are stored.
-        max_shard_size: byte limit per shard; a single larger tensor gets a shard of its own.
+        entries: ``(key, dtype, shape)`` of each tensor, in the order they are stored.
+        max_shard_size: byte limit per shard (int, or a string such as ``"5GB"``); a single larger tensor gets
+            a shard of its own.
+        single_name: a lone shard is ``model.safetensors`` (else ``model-00001-of-00001.safetensors``).
 
     Returns:
-        Tensor indices per shard, e.g. ``[[0, 1], [2]]``; at least one (possibly empty) shard.
+        ``{file name: keys}`` in shard order, e.g. ``{"model-00001-of-00002.safetensors": ["a", "b"], ...}``;
+        at least one (possibly empty) shard.
     """
-    shards: list[list[int]] = [[]]
-    size = 0
-    for i, nbytes in enumerate(sizes):
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(i)
-        size += nbytes
-    return shards
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    # Meta tensors: the planner sizes each by its storage (numel x element size) and, for meta, assumes no sharing.
+    meta = {key: torch.empty(shape, dtype=dtype, device="meta") for key, dtype, shape in entries}
+    split = split_torch_state_dict_into_shards(meta, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
+    groups = list(split.filename_to_tensors.values()) or [[]]
+    return {shard_name(i, len(groups), single_name=single_name): list(g) for i, g in enumerate(groups)}
+
+
+def save_shards(
+    tensors: dict[str, torch.Tensor], directory: Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE
+) -> None:
+    """Write an in-memory state dict as transformers-style safetensors shards (+ index when more than one).
+
+    :func:`huggingface_hub.save_torch_state_dict` (same planner as :func:`plan_shards`; per-file metadata
+    ``{"format": "pt"}``). Tensors must not share storage (drop tied copies first): a view is copied so its
+    storage, which the planner counts, is its own size.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    own = {}
+    for key, t in tensors.items():
+        t = t.detach()
+        whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
+        own[key] = t if whole else t.clone(memory_format=torch.contiguous_format)
+    save_torch_state_dict(own, directory, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
 
 
 def shard_name(index: int, count: int, *, single_name: bool = True) -> str:
@@ -93,15 +135,14 @@ class ShardWriter:
         for key, dtype, _ in plan:
             if dtype not in _ST_DTYPES:
                 raise LlmpruneError(f"cannot write dtype {dtype} of {key} to safetensors")
-        sizes = [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, dtype, shape in plan]
-        shards = [[plan[i] for i in group] for group in plan_shards(sizes, max_shard_size)]
-        n = len(shards)
+        by_key = {key: (key, dtype, tuple(shape)) for key, dtype, shape in plan}
+        shards = plan_shards(list(by_key.values()), max_shard_size, single_name=False)
         self.where: dict[str, tuple[str, int, torch.dtype, tuple[int, ...], int]] = {}
         self.files: list[str] = []
         self.total_size = 0
         self._fh: dict[str, object] = {}
-        for i, shard in enumerate(shards):
-            fname = shard_name(i, n, single_name=False)
+        for fname, keys in shards.items():
+            shard = [by_key[k] for k in keys]
             header: dict = {"__metadata__": {"format": "pt"}}
             off = 0
             entries = []

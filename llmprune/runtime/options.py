@@ -22,7 +22,6 @@ single-forward loglikelihood requests are not affected by it) and learned attent
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -36,6 +35,7 @@ from llmprune.errors import ConfigError
 from llmprune.formats.checkpoint import read_metadata
 from llmprune.runtime.actsparse.apply import attach_act_sparsity
 from llmprune.runtime.actsparse.thresholds import load_thresholds
+from llmprune.runtime.flags import add_runtime_arguments, runtime_from_args  # noqa: F401 - re-exported
 from llmprune.runtime.gates.runtime import GateRuntime, attach_gates, gate_runtime
 from llmprune.runtime.kvcache import BitmapKVCache
 from llmprune.runtime.kvcache.budgets import load_budgets
@@ -201,24 +201,6 @@ def runtime_setup(model) -> RuntimeSetup | None:
 
 
 # --------------------------------------------------------------------------- sources: flags, checkpoint
-
-
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per :class:`~llmprune.config.RuntimeConfig` field (``dest`` = the field name)."""
-    group = parser.add_argument_group(
-        "runtime options",
-        "default: the runtime section recorded in a checkpoint's llmprune.json; a KV-cache flag replaces the "
-        "recorded KV-cache settings, an attention-gate flag the recorded gate settings",
-    )
-    fields = {f.name: f for f in dataclasses.fields(RuntimeConfig)}
-    for name in (n for group in RuntimeConfig.GROUPS for n in group):  # grouped in --help
-        md = fields[name].metadata
-        group.add_argument(md["flag"], dest=name, type=md["type"], default=None, metavar=md["metavar"], help=md["help"])
-
-
-def runtime_from_args(args: argparse.Namespace) -> RuntimeConfig:
-    """The runtime flags of ``args`` (see :func:`add_runtime_arguments`) as a validated ``RuntimeConfig``."""
-    return RuntimeConfig(**{f.name: getattr(args, f.name, None) for f in dataclasses.fields(RuntimeConfig)})
 
 
 def checkpoint_runtime(model_ref: str | os.PathLike | None) -> RuntimeConfig:

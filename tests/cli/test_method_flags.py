@@ -7,7 +7,8 @@ import pytest
 
 from llmprune.cli import build_parser
 from llmprune.commands.compress import recipe_from_args
-from llmprune.commands.method_flags import SHARED_FIELDS, add_method_arguments, method_options
+from llmprune.commands.method_flags import SHARED_FIELDS, add_method_arguments, method_options, schema_of
+from llmprune.commands.method_schema_table import SCHEMA
 from llmprune.config import PruneConfig
 from llmprune.errors import ConfigError
 from llmprune.prune.registry import available_methods, get_method
@@ -83,3 +84,20 @@ def test_a_new_method_gets_its_flags_without_code_changes():
     method = type("M", (), {"name": "foo", "config_cls": FooConfig})
     assert method_options(args, method) == {"alpha": 0.25, "seed": 3, "fast": True}
     assert "foo: how much foo, in percent (default 0.5)" in p.format_help().replace("\n", " ").replace("  ", " ")
+
+
+def test_the_generated_schema_table_matches_the_live_configs():
+    # compress --help reads the table (no torch); a config change without `python -m llmprune.commands.method_flags`
+    # fails here
+    live = schema_of({name: get_method(name).config_cls for name in available_methods()})
+    assert {m: [tuple(r) for r in rows] for m, rows in SCHEMA.items()} == live
+    assert list(SCHEMA) == available_methods()
+
+
+def test_table_and_live_configs_give_the_same_flags():
+    table, live = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_method_arguments(table, {m: [tuple(r) for r in rows] for m, rows in SCHEMA.items()})
+    add_method_arguments(live, {name: get_method(name).config_cls for name in available_methods()})
+    assert table.format_help() == live.format_help()
+    assert table.parse_args(["--blocksize", "64", "--prune-heads"]) == live.parse_args(["--blocksize", "64",
+                                                                                       "--prune-heads"])

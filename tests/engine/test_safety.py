@@ -556,13 +556,20 @@ def _broken(weight, stats, cfg):
     return (weight.clone() if cfg.mode == "dense" else torch.full_like(weight, float("nan"))), mask
 
 
-if "test-broken" not in available_methods():
+@pytest.fixture
+def broken_method():
+    """``test-broken`` registered for one test only (a leftover registration would show in every method list)."""
+    from llmprune.prune import registry
+
+    available_methods()  # the built-ins first, so they are not registered around ours
     register("test-broken", _BrokenConfig, _broken)
+    yield
+    registry._METHODS.pop("test-broken", None)
 
 
 @pytest.mark.parametrize("mode", ["dense", "nan"])
 @pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
-def test_violated_pattern_is_an_internal_error_never_saved(base, tmp_path, mode, streaming):
+def test_violated_pattern_is_an_internal_error_never_saved(base, tmp_path, mode, streaming, broken_method):
     recipe = Recipe(stages=[_BrokenConfig(sparsity="2:4", mode=mode)])
     with pytest.raises(PruneIntegrityError, match="internal error: model.layers.0.self_attn.q_proj"):
         llmprune.compress(str(base["model"]), recipe, tmp_path / "out", device="cpu", progress=False,

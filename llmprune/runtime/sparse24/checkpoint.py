@@ -24,7 +24,7 @@ from torch import nn
 from llmprune.errors import ConfigError, LlmpruneError
 from llmprune.formats.reading import index_weight_map, preview
 from llmprune.formats.safetensors_io import SAFETENSORS_INDEX, dtype_compatible, is_finite, open_safetensors
-from llmprune.formats.shards import DEFAULT_SHARD_SIZE, plan_shards, shard_name, write_index
+from llmprune.formats.shards import DEFAULT_SHARD_SIZE, save_shards
 from llmprune.formats.sparse24 import (
     FORMAT_VERSION,
     PACKABLE_PATTERNS,
@@ -96,8 +96,6 @@ def save_packed(model: nn.Module, directory: Path, max_shard_bytes: int = DEFAUL
     Raises:
         LlmpruneError: if the decoder layers hold no 2:4 linear, or a linear listed as packable is not 2:4.
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     targets = packable_linears(model)
     if not targets:
@@ -106,17 +104,7 @@ def save_packed(model: nn.Module, directory: Path, max_shard_bytes: int = DEFAUL
         )
     names = sorted(targets)
     tensors = _packed_state(model, targets)
-    keys = list(tensors)
-    sizes = [tensors[k].numel() * tensors[k].element_size() for k in keys]
-    groups = plan_shards(sizes, max_shard_bytes)
-    weight_map = {}
-    for i, group in enumerate(groups):
-        fname = shard_name(i, len(groups))
-        save_file({keys[j]: tensors[keys[j]].contiguous().cpu() for j in group}, str(directory / fname),
-                  metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys((keys[j] for j in group), fname))
-    if len(groups) > 1:
-        write_index(directory, weight_map, sum(sizes))
+    save_shards(tensors, directory, max_shard_bytes)  # huggingface_hub's shards + index, as save_pretrained
     config = copy.deepcopy(model.config)
     config.quantization_config = quant_config(names)
     dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
