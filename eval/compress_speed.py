@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -271,7 +272,9 @@ def main() -> None:
                 shutil.rmtree(outs[t], ignore_errors=True)
             if args.concurrent:  # all tools at once: the same machine load for each
                 jobs = {t: _launch(cmds[t], before_env if t == "llmprune-before" else env) for t in order}
-                results = {t: _finish(job) for t, job in jobs.items()}
+                with ThreadPoolExecutor(len(jobs)) as pool:  # each job's wall ends when *it* exits
+                    futures = {t: pool.submit(_finish, job) for t, job in jobs.items()}
+                    results = {t: f.result() for t, f in futures.items()}
             else:
                 results = {t: _finish(_launch(cmds[t], before_env if t == "llmprune-before" else env)) for t in order}
             for t in order:
