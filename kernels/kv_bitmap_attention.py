@@ -43,6 +43,8 @@ from ._combine import merge_partial_row
 from ._device import arrival_counters, device_info
 from ._kv_bitmap_config import BLOCK_N_RANGE, MAX_SPLITS, check_config, kv_bitmap_config, shared_bytes  # noqa: F401
 from ._kv_bitmap_decode import decode_block
+from ._online_softmax import accumulate as _accumulate
+from ._online_softmax import scores as _scores
 
 _LOG2E = 1.4426950408889634
 
@@ -50,37 +52,6 @@ _LOG2E = 1.4426950408889634
 MAX_QUERIES = 16
 # The jitted code below hard-codes the tile as 64 bits (one int64 bitmap word).
 assert TILE == 64
-
-
-@triton.jit
-def _scores(q, k, s_ok, m_i, l_i, qk_scale, MASKED: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    """Online-softmax step over one block: ``(p [R, BLOCK_N], alpha [R], m_new, l_new)`` (``exp2``, fp32)."""
-    if DOT_FP32:
-        k = k.to(tl.float32)
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = s * qk_scale
-    if MASKED:
-        s = tl.where(s_ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    if MASKED:  # a row may have seen nothing yet (left padding): keep exp2 finite
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_safe = m_new
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
-
-
-@triton.jit
-def _accumulate(acc, p, alpha, v, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    if DOT_FP32:
-        v = v.to(tl.float32)
-    if IEEE:
-        return acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
 @triton.jit
