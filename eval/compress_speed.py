@@ -58,7 +58,7 @@ def llmc_worker(model_dir: str, calib: str, out: str, threads: int) -> None:
     t_import = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    ids = torch.load(calib)
+    ids = torch.load(calib, weights_only=True)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     t_load = time.perf_counter()
     recipe = WandaPruningModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"])
