@@ -24,7 +24,8 @@ from llmprune.api import PruneContext
 from llmprune.calibration import load_calibration
 from llmprune.evaluate.perplexity import perplexity, token_stream, wikitext2_text
 from llmprune.model.access import decoder_layers
-from llmprune.prune.methods.slicegpt import SliceGPTConfig, _basis, slicegpt_prune
+from llmprune.prune.methods.slicegpt import SliceGPTConfig, slicegpt_prune
+from llmprune.prune.methods.slicegpt_signals import pca_top
 
 
 def projected(dense, projections: list[torch.Tensor], active: set[int], final: bool):
@@ -70,7 +71,7 @@ def main() -> None:
     bases: list[torch.Tensor] = []
 
     def record(xs, k):
-        bases.append(_basis(xs, k, 0.01))
+        bases.append(pca_top(xs, k, 0.01))
         return bases[-1]
 
     sliced = copy.deepcopy(dense)

@@ -22,6 +22,7 @@ SCHEMA = {
         ('pca', 'str', "'sequential'", 'sequential', '"sequential" (PCA of each block\'s inputs in the already sliced model, as the paper) or "dense" (of the dense model\'s activations)'),
         ('untie_embeddings', 'bool', 'False', 'False', 'give a tied lm_head its own [V, k] table instead of keeping it tied through a [k, k] map at the end of the final norm'),
         ('damp', 'float', '0.01', '0.01', 'diagonal damping of X^T X before the eigendecomposition, as a fraction of its mean'),
+        ('head_weight', 'float', '0.8', '0.8', "with tied embeddings kept tied, the embedding basis Q_0 also serves lm_head: it is the PCA of (1 - w) C_emb + w C_head, the trace-normalized second moments of the embedding rows the calibration text uses and of the dense model's final-norm outputs (the head's inputs; one extra dense pass). 0 uses the embedding rows only. On SmolLM2-135M (tied) at 10% / 25% slicing, w = 0.8 gives WikiText-2 ppl 68 / 160 vs 131 / 423 with 0 (4 x 256-token windows; dense 36.5)"),
     ],
     'sparsegpt': [
         ('blocksize', 'int', '128', '128', 'columns per lazy-update block (a multiple of M for N:M)'),

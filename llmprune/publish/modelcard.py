@@ -58,10 +58,12 @@ def _sliced_lines(directory: Path) -> list[str]:
         return []
     tied = ("embeddings tied to `lm_head`, the final norm ending in a k x k map" if cfg.get("llmprune_sliced_head_proj")
             else "`lm_head` has its own table")
+    shortcuts = (f"two {k} x {k} residual-shortcut matrices (attention and MLP skips)"
+                 if any(cfg.get("llmprune_sliced_attn_shortcuts") or []) else f"a {k} x {k} residual-shortcut matrix")
     return [f"Sliced by SliceGPT: the residual stream (embedding dimension) is {k} of the base model's {d} "
             f"({1 - k / d:.1%} removed) in every layer, rotated to the principal components of the calibration "
             f"activations; embeddings and `lm_head` are rotated and sliced in width, never in vocabulary "
-            f"({tied}); each layer has a {k} x {k} residual-shortcut matrix. Model type "
+            f"({tied}); each layer has {shortcuts}. Model type "
             f"`{cfg.get('model_type')}`: run `import llmprune` before `AutoModelForCausalLM.from_pretrained`.", ""]
 
 

@@ -15,6 +15,7 @@ from llmprune.api import PruneContext
 from llmprune.errors import ConfigError
 from llmprune.model.access import decoder_layers
 from llmprune.prune.methods.slicegpt import SliceGPTConfig, slicegpt_prune
+from llmprune.prune.methods.slicegpt_signals import joint_basis, xtx
 from llmprune.prune.rotate import pca_basis, random_orthogonal, rotate_input, rotate_output, sliced_dim
 from llmprune.sparsity import check_nm
 
@@ -61,6 +62,20 @@ def test_pca_basis_is_eigenvectors_of_xtx_hand_built():
         torch.testing.assert_close(q @ torch.diag(vals) @ q.T, xr.T @ xr)
 
 
+def test_joint_basis_mixes_trace_normalized_moments_hand_built():
+    # block inputs spread along e0 (X^T X = diag(100, 0, 0)), the head's inputs along e1 (diag(0, 2, 0)): after
+    # normalizing each to trace 1 the mix is diag(1 - w, w, 0), so the top direction follows the larger weight
+    xs = [torch.tensor([[10.0, 0.0, 0.0]])]
+    head = torch.diag(torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64))
+    for w, top in ((0.2, 0), (0.8, 1)):
+        q = joint_basis(xs, head, 1, w, 0.0)
+        assert q.shape == (3, 1)
+        torch.testing.assert_close(q[:, 0].abs(), torch.eye(3, dtype=torch.float64)[top])
+    q = joint_basis(xs, head, 2, 0.3, 0.0)  # both kept, the e0 direction (0.7) first
+    torch.testing.assert_close(q.abs(), torch.eye(3, dtype=torch.float64)[:, :2])
+    torch.testing.assert_close(xtx(xs), torch.diag(torch.tensor([100.0, 0.0, 0.0], dtype=torch.float64)))
+
+
 def test_rotation_and_slicing_of_linears():
     q = random_orthogonal(6, 3)
     w_in, w_out, b = torch.randn(5, 6, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), torch.randn(6)
@@ -83,7 +98,7 @@ def test_sliced_dim_rounding_and_errors():
 @pytest.mark.parametrize("kwargs,needle", [
     ({"sparsity": 1.0}, "strictly between 0 and 1"), ({"sparsity": "2:4"}, "not N:M"),
     ({"round_to": 0}, "round_to"), ({"pca": "fast"}, "pca"), ({"ignore": ["mlp"]}, "ignore"),
-    ({"untie_embeddings": "yes"}, "untie_embeddings"),
+    ({"untie_embeddings": "yes"}, "untie_embeddings"), ({"head_weight": 1.5}, "head_weight"),
 ])
 def test_bad_configs(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -139,6 +154,7 @@ def test_sliced_shapes_and_parameter_count():
     assert layer.self_attn.q_proj.weight.shape == (64, k) and layer.self_attn.o_proj.weight.shape == (k, 64)
     assert layer.mlp.gate_proj.weight.shape == (128, k) and layer.mlp.down_proj.weight.shape == (k, 128)
     assert layer.shortcut.weight.shape == (k, k) and model.model.embed_tokens.weight.shape == (TINY_VOCAB, k)
+    assert layer.attn_shortcut.weight.shape == (k, k)  # the MLP input has its own basis
     assert model.lm_head.weight.shape == (TINY_VOCAB, k)
     assert all(abs(r.sparsity - 0.25) < 1e-9 for r in reports) and len(reports) == 14
     assert sum(p.numel() for p in model.parameters()) < before
@@ -179,6 +195,36 @@ def test_bad_sliced_config_is_one_line_error(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(llmprune.LlmpruneError, match="llmprune_sliced_shortcuts"):
         llmprune.load(tmp_path / "m")
+    cfg["llmprune_sliced_shortcuts"], cfg["llmprune_sliced_attn_shortcuts"] = [True, True], "yes"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(llmprune.LlmpruneError, match="llmprune_sliced_attn_shortcuts"):
+        llmprune.load(tmp_path / "m")
+
+
+def test_single_basis_config_builds_without_attention_shortcuts():
+    """A config without ``llmprune_sliced_attn_shortcuts`` (MLP input read in the block input's basis) still
+    builds: no attention shortcut, and with identity MLP shortcuts the layer is a plain residual block."""
+    from llmprune.model.sliced import build_sliced
+
+    model = tiny_llama()
+    cfg = copy.deepcopy(model.config)
+    cfg.llmprune_sliced_dim, cfg.llmprune_sliced_shortcuts = 48, [True, True]
+    cfg.llmprune_sliced_head_proj, cfg.llmprune_sliced_head_bias = False, False
+    build_sliced(model, cfg)
+    layer = decoder_layers(model)[0]
+    assert getattr(layer, "attn_shortcut", None) is None and layer.shortcut.weight.shape == (48, 48)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    for lay in decoder_layers(model):
+        lay.shortcut.weight.data.copy_(torch.eye(48))
+    h = torch.randn(2, 5, 48)
+    pos = torch.arange(5).unsqueeze(0)
+    emb = model.model.rotary_emb(h, pos)
+    out = layer(h, position_embeddings=emb, attention_mask=None)
+    out = out[0] if isinstance(out, tuple) else out
+    layer._forward_hooks.clear()  # the same layer without the shortcut hook: h + attn + mlp
+    plain = layer(h, position_embeddings=emb, attention_mask=None)
+    torch.testing.assert_close(out, plain[0] if isinstance(plain, tuple) else plain)
 
 
 def test_uniform_cfsp_after_slicing_reloads(tmp_path):
