@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import tiny_llama
 
-import llmprune.runtime.kvcache.cache as cache_mod
+import llmprune.runtime.kvcache.layer as cache_mod
 from llmprune.evaluate.perplexity import perplexity_with_cache
 from llmprune.runtime.kvcache import BitmapKVCache
 from llmprune.runtime.kvcache.mirror import DenseMirror

@@ -1,7 +1,9 @@
 """Bitmap-compressed KV cache with per-token magnitude pruning (Mustafar-style).
 
-* :mod:`~llmprune.runtime.kvcache.cache`: :class:`BitmapKVCache` / :class:`BitmapKVLayer` (pruning schedule,
-  dense window, choice of attention path);
+* :mod:`~llmprune.runtime.kvcache.cache`: :class:`BitmapKVCache` (one bitmap layer per full-attention layer,
+  uniform or per-layer/per-head sparsities);
+* :mod:`~llmprune.runtime.kvcache.layer`: :class:`BitmapKVLayer` (pruning schedule, dense window, choice of
+  attention path);
 * :mod:`~llmprune.runtime.kvcache.store`: the growing bitmap storage of one of K / V in one layer;
 * :mod:`~llmprune.runtime.kvcache.attention`: the ``"llmprune_kv_bitmap"`` attention implementation.
 

@@ -8,7 +8,7 @@ import torch
 class DenseMirror:
     """``[B, H, capacity, d]`` K and V buffers whose first ``T`` token slots are what the torch path attends over.
 
-    :class:`~llmprune.runtime.kvcache.cache.BitmapKVLayer` writes each step's new tokens at the end and, at each
+    :class:`~llmprune.runtime.kvcache.layer.BitmapKVLayer` writes each step's new tokens at the end and, at each
     flush, overwrites the just-compressed tokens' slots with their pruned reconstruction; a step then returns
     views of the first ``T`` slots, so it never decompresses the whole store. Capacity grows by doubling
     (amortised O(new tokens) per write). Its memory is that of a dense cache: it is reported by :meth:`nbytes`,
