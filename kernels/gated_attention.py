@@ -22,6 +22,8 @@ import triton.language as tl
 
 from ._combine import merge_partial_row
 from ._device import arrival_counters, check_shared, device_info, smem_limit
+from ._online_softmax import accumulate as _accumulate
+from ._online_softmax import scores as _scores
 
 
 @triton.jit
@@ -65,21 +67,10 @@ def _gated_attention_kernel(
         n = tl.where(sel, blk, 0) * BLOCK_N + offs_n
         n_ok = n < tl.where(sel, L, 0)
         k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no NaN from -inf - -inf
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        # log2-domain scores; masked, so a row that saw nothing yet stays finite (no -inf - -inf)
+        p, alpha, m_i, l_i = _scores(q, k, n_ok[None, :], m_i, l_i, qk_scale, True, DOT_FP32, False)
         v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        if DOT_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc = _accumulate(acc, p, alpha, v, DOT_FP32, False)
 
     out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
