@@ -120,6 +120,16 @@ def test_kernel_and_reference_on_mixed_per_head_keep_counts(d, dtype):
     check_close(ref, (p @ vv).to(dtype))
 
 
+def test_kernel_with_a_head_that_keeps_everything():
+    # a head at sparsity 0 (keep = head_dim: every bitmap word full) next to sparse heads, K and V
+    B, H, Tc, W, G, d, dtype = 1, 3, 64, 4, 2, 64, torch.float16
+    k, v, ks, vs, kw, vw = _mixed_state(B, H, d, Tc, W, [d, 3, d // 2], [5, d, d], dtype, seed=11)
+    assert torch.equal(ks.dense()[:, 0], k[:, 0]) and torch.equal(vs.dense()[:, 1:], v[:, 1:])
+    q = torch.randn(B, H * G, 1, d, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEV)
+    args = (q, ks.bitmap, ks.offsets, ks.values, vs.bitmap, vs.offsets, vs.values, kw, vw, Tc)
+    check_close(kv_bitmap_attention(*args, num_splits=1), kv_bitmap_attention_ref(*args))
+
+
 def _budgets_for(model, k_keeps, v_keeps, ks=None, vs=None):
     d = model.config.head_dim
     n = len(k_keeps) * len(k_keeps[0]) * d
