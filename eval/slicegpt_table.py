@@ -58,7 +58,8 @@ def write(out: Path, args, rows: list[dict], lat: dict, started: float) -> None:
         "# SliceGPT vs CFSP at the same parameter count: SmolLM2-135M-Instruct",
         "",
         f"Produced by `python eval/slicegpt_table.py --windows {args.windows} --nsamples {args.nsamples} "
-        f"--reps {args.reps} --new-tokens {args.new_tokens} --slicings {args.slicings}` in {(time.perf_counter() - started) / 60:.0f} min on {platform.machine()} CPU "
+        f"--reps {args.reps} --new-tokens {args.new_tokens} --slicings {args.slicings}"
+        f"{f' --reuse {args.reuse}' if args.reuse else ''}` in {(time.perf_counter() - started) / 60:.0f} min on {platform.machine()} CPU "
         f"({torch.get_num_threads()} threads), torch {torch.__version__}, fp32. 1-minute load average at the start / "
         f"now: {args.load_start:.1f} / {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores, shared with other jobs).",
         "",
@@ -67,19 +68,22 @@ def write(out: Path, args, rows: list[dict], lat: dict, started: float) -> None:
         f"- Perplexity: WikiText-2 raw test joined with \"\\n\\n\", non-overlapping {args.seqlen}-token windows, first "
         f"{args.windows} windows, mean NLL (the foundation protocol uses 100 windows; dense there: 29.88).",
         "- SliceGPT `slicing` = fraction of the hidden size 576 removed (kept width rounded down to a multiple of 8); "
-        "sequential PCA; embeddings stay tied (the final norm ends in a [k, k] map) unless `untied`; each layer "
-        "carries a [k, k] MLP-skip shortcut, counted in `params`. No recovery fine-tuning.",
+        "sequential PCA; the MLP input has its own basis, so each layer carries two [k, k] shortcuts (attention and "
+        "MLP skips), counted in `params`; embeddings stay tied (the final norm ends in a [k, k] map, the embedding "
+        "basis also serves the head: `head_weight` 0.8) unless `untied`. No recovery fine-tuning.",
+        *(["- Rows marked * are reused from an earlier run of the same protocol (`--reuse`)."] if args.reuse else []),
         "- CFSP: coarse allocation, FFN channels only, round_to 8, no recovery, at the FFN ratio that removes the "
-        "same number of parameters as the SliceGPT row above it.",
+        "same number of parameters as the SliceGPT row above it (none where that row has more parameters than dense).",
         "",
         "| model | slicing / FFN ratio | width k | params (M) | removed of all | checkpoint MB | WikiText-2 ppl |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['ratio']} | {r.get('k', '-')} | {r['params'] / 1e6:.2f} | "
+        lines.append(f"| {r['name']}{' *' if r.get('reused') else ''} | {r['ratio']} | {r.get('k', '-')} | {r['params'] / 1e6:.2f} | "
                      f"{1 - r['params'] / dense['params']:.1%} | {r['bytes'] / 2**20:.1f} | {r['ppl']:.2f} |")
     if lat:
-        lines += ["", f"CPU greedy decode, batch 1, {args.new_tokens} new tokens (median of {args.reps} interleaved runs, prompt of 6 tokens):",
+        lines += ["", f"CPU greedy decode, batch 1, {args.new_tokens} new tokens (median of {args.reps} interleaved runs, "
+                  f"prompt of 6 tokens; measured {lat.get('load', '?')}):",
                   "", "| model | params (M) | seconds | tokens/s | speed-up vs dense |", "|---|---|---|---|---|"]
         for k, v in lat["seconds"].items():
             lines.append(f"| {k} | {lat['params'][k] / 1e6:.2f} | {v:.2f} | {args.new_tokens / v:.1f} | "
@@ -89,6 +93,16 @@ def write(out: Path, args, rows: list[dict], lat: dict, started: float) -> None:
     out.write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "latency": lat, "args": vars(args),
                                                     "minutes": (time.perf_counter() - started) / 60}, indent=2) + "\n")
+
+
+def measure_latency(dense_model, sg, s: float, tok, args) -> dict:
+    models = {"dense": dense_model, f"slicegpt {s:.0%}": sg}
+    load = os.getloadavg()[0]
+    lat = {"seconds": latency(models, tok, args.new_tokens, args.reps),
+           "params": {k: total_params(m) for k, m in models.items()},
+           "load": f"1-minute load average {load:.1f} -> {os.getloadavg()[0]:.1f}"}
+    print("latency", lat, flush=True)
+    return lat
 
 
 def main() -> None:
@@ -103,6 +117,8 @@ def main() -> None:
     ap.add_argument("--slicings", default="0.25,0.1,0.2,0.3")
     ap.add_argument("--extra", action="store_true", help="also dense-PCA and untied rows at 25%%")
     ap.add_argument("--no-cfsp", action="store_true", help="no CFSP rows")
+    ap.add_argument("--reuse", help="json of an earlier run (same protocol): its rows for the same slicings are kept")
+    ap.add_argument("--latency-at", type=float, help="slicing of the latency row (default: the first of --slicings)")
     args = ap.parse_args()
     args.load_start = os.getloadavg()[0]
     torch.set_grad_enabled(False)
@@ -127,32 +143,50 @@ def main() -> None:
     stats = None
     lat: dict = {}
     variants = [(float(s), "sequential", False) for s in args.slicings.split(",")]
+    lat_at = variants[0][0] if args.latency_at is None else args.latency_at
+    old = json.loads(Path(args.reuse).read_text())["rows"] if args.reuse else []
+    old = {(r["name"], r["ratio"]): r for r in old}
+    if lat_at not in [v[0] for v in variants] or ("slicegpt", f"{lat_at:.0%}") in old:
+        sg = copy.deepcopy(dense_model)  # the latency model is not sliced below: slice it now
+        slicegpt_prune(sg, SliceGPTConfig(sparsity=lat_at), ctx)
+        lat = measure_latency(dense_model, sg, lat_at, tok, args)
+        write(out, args, rows, lat, started)
+        del sg
     if args.extra:
         variants += [(0.25, "dense", False), (0.25, "sequential", True)]
-    for n, (s, pca, untie) in enumerate(variants):
+    for s, pca, untie in variants:
+        label = f"slicegpt{' dense-PCA' if pca == 'dense' else ''}{' untied' if untie else ''}"
+        if (label, f"{s:.0%}") in old:
+            rows.append({**old[(label, f"{s:.0%}")], "reused": True})
+            partner = [r for key, r in old.items() if key[0] == "cfsp coarse" and r.get("for") == f"{s:.0%}"]
+            if not partner:  # older files: the CFSP row right after the SliceGPT row
+                names = list(old)
+                i = names.index((label, f"{s:.0%}"))
+                partner = [old[names[i + 1]]] if i + 1 < len(names) and names[i + 1][0] == "cfsp coarse" else []
+            rows += [{**r, "reused": True} for r in partner]
+            print("reused", rows[-1], flush=True)
+            continue
         t = time.perf_counter()
         sg = copy.deepcopy(dense_model)
         slicegpt_prune(sg, SliceGPTConfig(sparsity=s, pca=pca, untie_embeddings=untie), ctx)
-        label = f"slicegpt{' dense-PCA' if pca == 'dense' else ''}{' untied' if untie else ''}"
         row = {"name": label, "ratio": f"{s:.0%}", "k": sg.config.llmprune_sliced_dim, "params": total_params(sg),
                "bytes": checkpoint_bytes(sg), "prune_seconds": time.perf_counter() - t, "ppl": ppl(sg)}
         rows.append(row)
         print(row, flush=True)
         write(out, args, rows, lat, started)
-        if n == 0:  # decode latency at the first slicing (25% by default) against dense, right away
-            models = {"dense": dense_model, f"slicegpt {s:.0%}": sg}
-            lat = {"seconds": latency(models, tok, args.new_tokens, args.reps),
-                   "params": {k: total_params(m) for k, m in models.items()}}
-            print("latency", lat, flush=True)
+        if s == lat_at and pca == "sequential" and not untie and not lat:  # decode latency, right away
+            lat = measure_latency(dense_model, sg, s, tok, args)
             write(out, args, rows, lat, started)
         if pca != "sequential" or untie or args.no_cfsp:
             continue
         if stats is None:
             stats = collect_stats(dense_model, calib, ctx.device, 8, heads=False, progress=False)
         ratio = min(0.8, (rows[0]["params"] - row["params"]) / ffn)
+        if ratio <= 0:  # the shortcut matrices outweigh what slicing removed: no CFSP partner
+            continue
         cf = copy.deepcopy(dense_model)
         apply_cfsp(cf, CFSPConfig(sparsity=ratio, allocation="coarse", max_ratio=0.8, round_to=8), stats, ctx)
-        crow = {"name": "cfsp coarse", "ratio": f"{ratio:.1%}", "params": total_params(cf),
+        crow = {"name": "cfsp coarse", "ratio": f"{ratio:.1%}", "for": row["ratio"], "params": total_params(cf),
                 "bytes": checkpoint_bytes(cf), "ppl": ppl(cf)}
         rows.append(crow)
         print(crow, flush=True)
