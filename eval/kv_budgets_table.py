@@ -6,12 +6,14 @@ Protocol:
     values = v_proj outputs; allocation `llmprune.runtime.kvcache.budgets.make_budgets` (integer keep counts per
     layer and KV head whose totals equal the uniform ones exactly);
   * sensitivity: `llmprune.calibration.kv_sensitivity.kv_sensitivity` (KL of pruning one layer's K or V alone at
-    --sens-keeps, --sens-nsamples x 512 C4 tokens; cached in <out>.sensitivity.json, or merged from the
-    --sens-parts files of split runs), allocation `llmprune.runtime.kvcache.greedy.sensitivity_budgets`
+    --sens-keeps, --sens-nsamples x 512 C4 tokens, or sequences A..B-1 with --sens-samples A:B; cached in
+    <out>.sensitivity.json, or merged by `merge_sensitivity_parts` from the --sens-parts files of runs split by
+    layer, keep count or sequences), allocation `llmprune.runtime.kvcache.greedy.sensitivity_budgets`
     (variants `sens:joint` / `sens:separate`);
   * WikiText-2 raw test joined with "\\n\\n", non-overlapping --seqlen windows (default 512), the first --windows
-    (default 20); every KV row uses `perplexity_with_cache` (fresh cache per window, chunks of --kv-window tokens =
-    the token-by-token decode cache state), torch path, fp32 on CPU; with --path emulate instead the one-pass
+    (default 20) after skipping --window-offset windows (held-out windows); every KV row uses
+    `perplexity_with_cache` (fresh cache per window, chunks of --kv-window tokens = the token-by-token decode cache
+    state), torch path, fp32 on CPU; with --path emulate instead the one-pass
     emulation of that cache (`llmprune.calibration.kv_emulate`, same attention, ~4x cheaper; tested equal to the
     chunked cache); the row records which;
   * bytes: stored / dense cache bytes at the end of a window, counted for a 16-bit cache (emulated rows: a real
@@ -39,7 +41,7 @@ import llmprune
 from llmprune.calibration.data import load_calibration
 from llmprune.calibration.entropy import kv_entropy_scores
 from llmprune.calibration.kv_emulate import emulated_kv_cache
-from llmprune.calibration.kv_sensitivity import kv_sensitivity
+from llmprune.calibration.kv_sensitivity import kv_sensitivity, merge_sensitivity_parts
 from llmprune.config import CalibConfig
 from llmprune.evaluate.perplexity import perplexity, perplexity_with_cache, token_stream, wikitext2_text
 from llmprune.runtime.kvcache import BitmapKVCache
@@ -64,22 +66,24 @@ def sensitivity(args, model, tok) -> dict:
     path = Path(args.out).with_suffix(".sensitivity.json")
     if path.exists():
         return json.loads(path.read_text())
-    if args.sens_parts:  # split runs (kv_sensitivity(only=...)): take every layer's rows from whichever part has them
+    if args.sens_parts:  # split runs (by layer, keep count or sequences): merged by merge_sensitivity_parts
         parts = [json.loads(Path(p).read_text()) for p in args.sens_parts.split(",")]
-        data = dict(parts[0])
-        for kind in ("k_err", "v_err"):
-            data[kind] = [next(p[kind][i] for p in parts if p[kind][i]) for i in range(len(parts[0][kind]))]
-        data["seconds"] = sum(p["seconds"] for p in parts)
+        data = merge_sensitivity_parts(parts)
         data["parts"] = args.sens_parts
+        data["calib"] = {**parts[0].get("calib", {}), "nsamples": data["tokens"] // 512}
     else:
-        cal = CalibConfig(source=args.calib, nsamples=args.sens_nsamples, seqlen=512, seed=0, batch_size=1)
-        ids = load_calibration(cal, tok, model)
+        a, b = (int(x) for x in args.sens_samples.split(":")) if args.sens_samples else (0, args.sens_nsamples)
+        cal = CalibConfig(source=args.calib, nsamples=b, seqlen=512, seed=0, batch_size=1)
+        ids = load_calibration(cal, tok, model)[a:b]  # the first sequences do not depend on nsamples
         only = [int(i) for i in args.sens_layers.split(",")] if args.sens_layers else None
-        sens = kv_sensitivity(model, ids, torch.device("cpu"), keeps=[int(k) for k in args.sens_keeps.split(",")],
-                              window=args.kv_window, only=only)
-        data = {**sens.to_dict(), "calib": vars(cal)}
-        if only is not None:  # one part of a split run: merge the parts later with --sens-parts
-            path = path.with_suffix(f".part-{only[0]}-{only[-1]}.json")
+        keeps = [int(k) for k in args.sens_keeps.split(",")]
+        sens = kv_sensitivity(model, ids, torch.device("cpu"), keeps=keeps, window=args.kv_window, only=only,
+                              batch_size=args.sens_batch)
+        data = {**sens.to_dict(), "calib": vars(cal), "samples": f"{a}:{b}"}
+        if only is not None or args.sens_samples:  # one part of a split run: merge the parts with --sens-parts
+            layers = "all" if only is None else f"{only[0]}-{only[-1]}"
+            tag = f"-s{a}-{b}-k{'_'.join(map(str, keeps))}" if args.sens_samples else ""
+            path = path.with_suffix(f".part-{layers}{tag}.json")
             path.write_text(json.dumps(data) + "\n")
             sys.exit(f"wrote {path}; merge the parts with --sens-parts")
     path.write_text(json.dumps(data) + "\n")
@@ -155,6 +159,8 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--window-offset", type=int, default=0,
+                    help="skip this many WikiText-2 windows first (held-out windows)")
     ap.add_argument("--kv-window", type=int, default=32)
     ap.add_argument("--sparsities", default="0.5,0.6,0.7,0.8")
     ap.add_argument("--variants", default="head:1",
@@ -163,6 +169,9 @@ def main() -> None:
     ap.add_argument("--sens-variants", default="sens:joint", help="sensitivity rows: sens:joint and/or sens:separate")
     ap.add_argument("--sens-keeps", default="24,12,5", help="keep counts the sensitivity is measured at")
     ap.add_argument("--sens-nsamples", type=int, default=1, help="C4 sequences x 512 for the sensitivity")
+    ap.add_argument("--sens-samples", default=None,
+                    help="A:B: measure on C4 sequences A..B-1 (of B, seed 0) only and write a part, then exit")
+    ap.add_argument("--sens-batch", type=int, default=1, help="sensitivity: sequences per forward pass")
     ap.add_argument("--sens-parts", default=None, help="merge these kv_sensitivity JSON parts (split runs)")
     ap.add_argument("--sens-layers", default=None, help="measure only these layers (a part of a split run), then exit")
     ap.add_argument("--path", default="cache", choices=("cache", "emulate"),
@@ -185,7 +194,7 @@ def main() -> None:
         tok = llmprune.load_tokenizer(args.model)
         sc = scores(args, model, tok)
         sens = sensitivity(args, model, tok) if args.sens_variants else None
-        ids = token_stream(tok, wikitext2_text(args.data))
+        ids = token_stream(tok, wikitext2_text(args.data))[:, args.window_offset * args.seqlen :]
         for st in settings(args):
             if st["name"] in done or (args.only and args.only not in st["name"]):
                 continue
@@ -209,10 +218,15 @@ def main() -> None:
                        "v_keep_range": [min(map(min, b.v_keep)), max(map(max, b.v_keep))]}
             else:
                 b = entropy_budgets(st, sc)
-                r = perplexity_with_cache(model, ids, args.seqlen, args.windows, k_sparsity=st["s"],
-                                          v_sparsity=st["s"], window=args.kv_window, backend="torch",
-                                          progress=False, allocation=b)
-                row = {**st, "ppl": r.ppl, "seconds": r.seconds, "tokens": r.tokens, "ratio_16bit": r.bytes_ratio_16bit,
+                if args.path == "emulate":
+                    r = emulated(model, ids, args, b)
+                else:
+                    res = perplexity_with_cache(model, ids, args.seqlen, args.windows, k_sparsity=st["s"],
+                                                v_sparsity=st["s"], window=args.kv_window, backend="torch",
+                                                progress=False, allocation=b)
+                    r = {"ppl": res.ppl, "seconds": res.seconds, "tokens": res.tokens,
+                         "ratio_16bit": res.bytes_ratio_16bit}
+                row = {**st, **r, "path": args.path,
                        "k_mean": b.mean_sparsity("k"), "v_mean": b.mean_sparsity("v"),
                        "k_keep_range": [min(map(min, b.k_keep)), max(map(max, b.k_keep))],
                        "v_keep_range": [min(map(min, b.v_keep)), max(map(max, b.v_keep))]}
@@ -237,7 +251,7 @@ def write(args, model, rows) -> None:
         f"{sc.get('head_dim', '?')}), fp32 on CPU ({platform.machine()}, {args.threads} threads), llmprune "
         f"{llmprune.__version__}, torch {torch.__version__}.",
         "",
-        f"WikiText-2 test, first **{args.windows} windows x {args.seqlen} tokens**"
+        f"WikiText-2 test, **{args.windows} windows x {args.seqlen} tokens** from window {args.window_offset}"
         + (f" ({dense['tokens']} predicted tokens)" if dense else "")
         + f", mean NLL; pruned bitmap cache active (*eval* `cache`: `perplexity_with_cache`, dense window "
         f"{args.kv_window}, torch path; `emulate`: the one-pass emulation of exactly that cache, "

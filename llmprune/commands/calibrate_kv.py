@@ -19,12 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--v-sparsity", type=float, default=None, help="mean value sparsity (overrides --kv-sparsity)")
     p.add_argument("--allocation", default="entropy", choices=("entropy", "sensitivity", "uniform"),
                    help="entropy (low-entropy heads compressed more), sensitivity (measured KL cost of pruning each "
-                        "layer's K / V, greedy minimum under the mean; costs 2 x 4 passes per layer) or uniform "
+                        "layer's K / V, greedy minimum under the mean; costs 2 x 8 passes per layer) or uniform "
                         "(default entropy)")
     p.add_argument("--per", default=None, choices=("head", "layer"),
                    help="one keep count per KV head, or per layer (default: head for entropy, layer for sensitivity)")
     p.add_argument("--kv-pool", default="joint", choices=("joint", "separate"),
                    help="sensitivity: K and V share one entry budget (joint, default) or keep their own totals")
+    p.add_argument("--sens-keeps", default=None, metavar="K,K,...",
+                   help="sensitivity: keep counts to measure (default 48,32,24,16,12,8,5,3 at head_dim 64)")
     p.add_argument("--power", type=float, default=1.0, help="keep ~ (entropy / max) ** power (default 1; 0 = uniform)")
     p.add_argument("--min-sparsity", type=float, default=None, help="lowest sparsity of any head (default mean - 0.3; sensitivity: 0)")
     p.add_argument("--max-sparsity", type=float, default=None, help="highest sparsity of any head (default mean + 0.2, <= 0.95; "
@@ -49,11 +51,15 @@ def run(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size)
     if args.output is not None:
         check_output_dir(args.output, "--output")
+    try:
+        keeps = None if args.sens_keeps is None else [int(x) for x in args.sens_keeps.split(",")]
+    except ValueError as exc:
+        raise ConfigError(f"--sens-keeps must be comma-separated integers, got {args.sens_keeps!r}") from exc
     res = calibrate_kv(args.model, args.kv_sparsity, args.output, k_sparsity=args.k_sparsity,
                        v_sparsity=args.v_sparsity, allocation=args.allocation, calibration=cal, per=args.per,
                        power=args.power, min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity,
-                       joint=args.kv_pool == "joint", device=args.device, dtype=args.dtype, progress=not args.quiet,
-                       trust_remote_code=args.trust_remote_code)
+                       joint=args.kv_pool == "joint", keeps=keeps, device=args.device, dtype=args.dtype,
+                       progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     b = res.budgets
     print(f"KV budgets ({b.allocation}) written to {res.path}: {b.layers} layers x {b.heads} KV heads, "
           f"K keep {min(map(min, b.k_keep))}-{max(map(max, b.k_keep))} / V keep {min(map(min, b.v_keep))}-"

@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from helpers import tiny_llama
 
 from llmprune.calibration.kv_emulate import emulated_kv_cache, pruned_cache_attention_ref
-from llmprune.calibration.kv_sensitivity import KVSensitivity, keep_grid, kv_sensitivity
+from llmprune.calibration.kv_sensitivity import (
+    KVSensitivity,
+    keep_grid,
+    kv_sensitivity,
+    merge_sensitivity_parts,
+)
 from llmprune.evaluate.perplexity import perplexity_with_cache
 from llmprune.formats.bitmap import prune_topk
 from llmprune.runtime.kvcache.budgets import KVBudgets
@@ -75,5 +80,37 @@ def test_sensitivity_shapes_zero_when_dense_and_replay_matches_full_pass():
 
 
 def test_keep_grid():
-    assert keep_grid(64) == [32, 16, 8, 3]
+    assert keep_grid(64) == [48, 32, 24, 16, 12, 8, 5, 3]
+    assert keep_grid(16) == [12, 8, 6, 4, 3, 2, 1]  # duplicates dropped
     assert keep_grid(16, (0.5, 0.01)) == [8, 1]
+
+
+def _part(keeps, k_err, v_err, samples, tokens):
+    return {"keeps": keeps, "k_err": k_err, "v_err": v_err, "head_dim": 16, "heads": 2, "per": "layer",
+            "window": 16, "tokens": tokens, "seconds": 1.0, "samples": samples}
+
+
+def test_merge_parts_by_layer_keep_and_sequences():
+    # samples 0:1 (tokens 1): layer 0 at keeps 8 and 4 in one part, layer 1 in another, keep 2 in a third;
+    # samples 1:4 (tokens 3): keeps 8 and 4 only -> merged keeps [8, 4], weights 1/4 and 3/4.
+    a = _part([8, 4], [[[1.0, 2.0]], []], [[[0.5, 1.0]], []], "0:1", 1)
+    b = _part([8, 4], [[], [[4.0, 8.0]]], [[], [[0.25, 0.5]]], "0:1", 1)
+    c = _part([2], [[[9.0]], [[9.0]]], [[[9.0]], [[9.0]]], "0:1", 1)
+    d = _part([4, 8], [[[6.0, 5.0]], [[12.0, 8.0]]], [[[3.0, 1.5]], [[0.5, 0.25]]], "1:4", 3)
+    m = merge_sensitivity_parts([a, b, c, d])
+    assert m["keeps"] == [8, 4] and m["tokens"] == 4 and m["samples"] == ["0:1", "1:4"] and m["seconds"] == 4.0
+    assert m["k_err"] == [[[0.25 * 1 + 0.75 * 5, 0.25 * 2 + 0.75 * 6]], [[0.25 * 4 + 0.75 * 8, 0.25 * 8 + 0.75 * 12]]]
+    assert m["v_err"] == [[[0.25 * 0.5 + 0.75 * 1.5, 0.25 * 1 + 0.75 * 3]], [[0.25, 0.25 * 0.5 + 0.75 * 0.5]]]
+    # one sample group only: keep 2 is measured everywhere too
+    assert merge_sensitivity_parts([a, b, c])["keeps"] == [8, 4, 2]
+    # legacy parts without "samples" fall back to the calibration's nsamples
+    legacy = {k: v for k, v in a.items() if k != "samples"} | {"calib": {"nsamples": 1}}
+    assert merge_sensitivity_parts([legacy, b])["samples"] == ["0:1"]
+    with pytest.raises(ValueError, match="every layer"):
+        merge_sensitivity_parts([a, d])  # samples 0:1 lack layer 1
+    with pytest.raises(ValueError, match="per"):
+        merge_sensitivity_parts([a, b | {"per": "head"}])
+    with pytest.raises(ValueError, match="tokens"):
+        merge_sensitivity_parts([a, b | {"tokens": 2}])
+    with pytest.raises(ValueError):
+        merge_sensitivity_parts([])

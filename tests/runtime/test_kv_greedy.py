@@ -104,7 +104,7 @@ def test_calibrate_kv_sensitivity_checkpoint_and_runtime_pickup(checkpoint, tiny
     assert b.allocation == "sensitivity" and (b.layers, b.heads, b.head_dim) == (2, 2, 16)
     assert sum(map(sum, b.k_keep)) + sum(map(sum, b.v_keep)) == 2 * 4 * keep_count(16, 0.5)  # joint: K+V total
     assert all(len(set(row)) == 1 for row in b.k_keep)  # per layer by default
-    assert len(b.info["sensitivity"]["k_err"]) == 2 and b.info["sensitivity"]["keeps"] == [8, 4, 2, 1]
+    assert len(b.info["sensitivity"]["k_err"]) == 2 and b.info["sensitivity"]["keeps"] == [12, 8, 6, 4, 3, 2, 1]
     meta = json.loads((checkpoint / "llmprune.json").read_text())
     rt = meta["recipe"]["runtime"]
     assert rt["kv_allocation"] == BUDGETS_FILE and rt["kv_k_sparsity"] == b.k_sparsity
@@ -117,11 +117,23 @@ def test_calibrate_kv_sensitivity_checkpoint_and_runtime_pickup(checkpoint, tiny
     assert f"bitmap KV cache K {b.k_sparsity:g} / V {b.v_sparsity:g}" in out
     code, out, err = run_cli(capsys, "calibrate-kv", checkpoint, "--kv-sparsity", 0.5, "--allocation", "sensitivity",
                              "--kv-pool", "separate", "--max-sparsity", 0.6, "--calib", tiny_calib_file,
-                             "--nsamples", 1, "--seqlen", 48, "--device", "cpu", "-q")
+                             "--nsamples", 1, "--seqlen", 48, "--sens-keeps", "8,12", "--device", "cpu", "-q")
     assert code == 0, err
     b = load_budgets(checkpoint / BUDGETS_FILE)
+    assert b.info["sensitivity"]["keeps"] == [12, 8]
     assert sum(map(sum, b.k_keep)) == sum(map(sum, b.v_keep)) == 4 * keep_count(16, 0.5)
     assert b.k_sparsity == b.v_sparsity == 0.5 and min(min(map(min, t)) for t in (b.k_keep, b.v_keep)) >= 6
     code, out, err = run_cli(capsys, "calibrate-kv", checkpoint, "--kv-sparsity", 0.5, "--allocation", "sensitivity",
                              "--min-sparsity", 0.6, "--calib", tiny_calib_file, "--device", "cpu", "-q")
     assert code == 2 and "must contain the mean" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("keeps,msg", [("8,x", "comma-separated integers"), ("0,4", "keep counts >= 1"),
+                                       ("16", "--sens-keeps: keep counts must be in [1, 16)")])
+def test_calibrate_kv_bad_sens_keeps(tiny_model_dir, tiny_calib_file, tmp_path, capsys, keeps, msg):
+    from helpers import run_cli
+
+    code, out, err = run_cli(capsys, "calibrate-kv", tiny_model_dir, "--kv-sparsity", 0.5, "--allocation",
+                             "sensitivity", "--sens-keeps", keeps, "--calib", tiny_calib_file, "--nsamples", 1,
+                             "--seqlen", 32, "--output", tmp_path / "out", "--device", "cpu", "-q")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("llmprune: error:") and msg in err, err

@@ -54,6 +54,7 @@ def calibrate_kv(
     per: str | None = None,
     power: float = 1.0,
     joint: bool = True,
+    keeps: list[int] | None = None,
     window: int = DEFAULT_KV_WINDOW,
     min_sparsity: float | None = None,
     max_sparsity: float | None = None,
@@ -77,7 +78,9 @@ def calibrate_kv(
     ``window`` dense tokens, and the counts minimise the summed cost greedily; ``joint`` (default) lets K and V
     trade entries under one K+V total (the recorded K / V sparsities are then the allocation's own means, whose
     average is the requested one), ``power`` is unused and the bounds default to [0, the smallest measured
-    keep count's sparsity]. ``per`` defaults to ``"head"`` for ``entropy``.
+    keep count's sparsity]; ``keeps`` are the keep counts measured (default
+    :func:`llmprune.calibration.kv_sensitivity.keep_grid`, 8 points at ``head_dim`` 64). ``per`` defaults to
+    ``"head"`` for ``entropy``.
 
     Raises:
         ConfigError: on bad sparsities/bounds/allocation, or no output for a model that is not a checkpoint.
@@ -94,6 +97,9 @@ def calibrate_kv(
     if allocation == "sensitivity":  # bounds checked before loading anything
         if per not in ("head", "layer"):
             raise ConfigError(f"--per must be 'head' or 'layer', got {per!r}")
+        if keeps is not None and (not keeps or any(isinstance(x, bool) or not isinstance(x, int) or x < 1
+                                                   for x in keeps)):
+            raise ConfigError(f"--sens-keeps must be keep counts >= 1, got {keeps}")
         sensitivity_budgets([[[1.0]]], [[[1.0]]], [1], 64, 1, k, v, joint=joint, min_sparsity=min_sparsity,
                             max_sparsity=0.95 if max_sparsity is None else max_sparsity)
     else:
@@ -105,8 +111,11 @@ def calibrate_kv(
     t0 = time.perf_counter()
     if allocation == "sensitivity":
         with on_device([run.model], run.device):  # every pass runs the whole model
-            sens = kv_sensitivity(run.model, run.ids, run.device, per=per, window=window, batch_size=1,
-                                  progress=progress)
+            try:
+                sens = kv_sensitivity(run.model, run.ids, run.device, keeps=keeps, per=per, window=window,
+                                      batch_size=1, progress=progress)
+            except ValueError as exc:  # keep counts not below the model's head_dim
+                raise ConfigError(f"--sens-keeps: {exc}") from exc
         log.info("kv sensitivity: %d layers in %.1fs", len(sens.k), sens.seconds)
         budgets = sensitivity_budgets(sens.k, sens.v, sens.keeps, sens.head_dim, sens.heads, k, v, joint=joint,
                                       min_sparsity=min_sparsity, max_sparsity=max_sparsity,
