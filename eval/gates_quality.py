@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -23,13 +24,15 @@ from pathlib import Path
 
 import torch
 
+from llmprune.calibration.attn_entropy import attention_entropy
 from llmprune.calibration.data import load_calibration
 from llmprune.config import CalibConfig
 from llmprune.evaluate.perplexity import perplexity, token_stream, wikitext2_text
 from llmprune.model.loading import load_pretrained, load_tokenizer
+from llmprune.runtime.gates.budgets import layer_sparsities
 from llmprune.runtime.gates.files import save_gates
 from llmprune.runtime.gates.gate import GateConfig
-from llmprune.runtime.gates.runtime import attach_gates
+from llmprune.runtime.gates.runtime import attach_gates, detach_gates
 from llmprune.runtime.gates.training import train_gates
 
 
@@ -50,6 +53,8 @@ def main() -> int:
     ap.add_argument("--stages", default="train,dense,0.5,0.9,report",
                     help="comma list: train, dense, a block sparsity (e.g. 0.5), report")
     ap.add_argument("--raw", default="eval/results/raw/gates_quality", help="gates + per-stage JSON (git-ignored)")
+    ap.add_argument("--entropy-nsamples", type=int, default=4, help="C4 sequences for the attention entropy")
+    ap.add_argument("--power", type=float, default=1.0, help="entropy budgets: keep ~ (entropy / max) ** power")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded machine)")
     ap.add_argument("--out", default="eval/results/gates_quality.md")
     args = ap.parse_args()
@@ -78,6 +83,20 @@ def main() -> int:
             row = {"setting": "dense (no gates)", **r.to_dict(), "skipped": None, "recall": None}
             (raw / f"dense_w{args.window_start}.json").write_text(json.dumps(row, indent=2) + "\n")
             print(row, flush=True)
+        elif st.startswith("entropy:"):  # per-layer budgets from the attention entropy, mean s
+            s = float(st.split(":", 1)[1])
+            scores = entropy_scores(model, tok, raw, args)
+            sp = layer_sparsities(scores, s, power=args.power)
+            rt = attach_gates(model, raw / "gates", attn_sparsity=s)
+            rt.layer_sparsity = sp
+            rt.measure_recall = True
+            rt.reset_stats()
+            r = perplexity(model, stream(tok, args), args.seqlen, args.windows, progress=False)
+            row = {"setting": f"gates, entropy budgets (power {args.power:g}), mean attn_sparsity {s}", **r.to_dict(),
+                   "skipped": rt.achieved_sparsity, "recall": rt.recall, "layer_sparsity": sp}
+            detach_gates(model)
+            (raw / f"entropy_{s}_p{args.power:g}_w{args.window_start}.json").write_text(json.dumps(row, indent=2) + "\n")
+            print(row, flush=True)
         elif st != "report":
             s = float(st)
             rt = attach_gates(model, raw / "gates", attn_sparsity=s)
@@ -91,6 +110,20 @@ def main() -> int:
     if "report" in stages:
         write_report(raw, args)
     return 0
+
+
+def entropy_scores(model, tok, raw: Path, args) -> list[float]:
+    """Per-layer block-attention entropy on --entropy-nsamples x --train-seqlen C4 tokens (seed 0), cached in raw."""
+    path = raw / f"attn_entropy_{args.entropy_nsamples}x{args.train_seqlen}.json"
+    if path.exists():
+        return json.loads(path.read_text())["scores"]
+    ccfg = CalibConfig(source=args.calib, nsamples=args.entropy_nsamples, seqlen=args.train_seqlen, seed=0)
+    t = time.perf_counter()
+    scores = attention_entropy(model, load_calibration(ccfg, tok, model), block_size=args.block_size)
+    path.write_text(json.dumps({"scores": scores, "calibration": ccfg.to_dict(), "block_size": args.block_size,
+                                "seconds": round(time.perf_counter() - t, 1)}, indent=2) + "\n")
+    print("attention entropy per layer", [round(x, 3) for x in scores], flush=True)
+    return scores
 
 
 def stream(tok, args):
@@ -113,7 +146,8 @@ def merge(parts: list[dict]) -> dict:
 def write_report(raw: Path, args) -> None:
     info = json.loads((raw / "train.json").read_text())
     groups = {}
-    for p in [*sorted(raw.glob("dense_w*.json")), *sorted(raw.glob("sparsity_*_w*.json"))]:
+    for p in [*sorted(raw.glob("dense_w*.json")), *sorted(raw.glob("sparsity_*_w*.json")),
+              *sorted(raw.glob("entropy_*_w*.json"))]:
         part = json.loads(p.read_text())
         groups.setdefault(part["setting"], []).append(part)
     rows = [merge(parts) for parts in groups.values()]
@@ -122,7 +156,8 @@ def write_report(raw: Path, args) -> None:
         "# Learned attention gates: quality (CPU)",
         "",
         f"Model `{args.model}` (SmolLM2-135M-Instruct, fp32), block size {info['block_size']}, gate dim "
-        f"{info['gate_dim']}. Machine: {platform.machine()} CPU shared with other jobs (2 cores, load ~20), "
+        f"{info['gate_dim']}. Machine: {platform.machine()} CPU shared with other jobs ({os.cpu_count()} cores, "
+        f"1-minute load {os.getloadavg()[0]:.1f} at the report), "
         f"{info['threads']} torch thread(s) per process: times are wall clock and only indicative.",
         "",
         f"Gate training: calibration {info['calibration']['nsamples']} x {info['calibration']['seqlen']} tokens of "

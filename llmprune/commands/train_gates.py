@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine decay (default 1e-3)")
     p.add_argument("--attn-sparsity", type=float, default=0.5,
                    help="block sparsity recorded as the default when the gates are loaded (default 0.5)")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "entropy"),
+                   help="uniform: every layer skips --attn-sparsity of its blocks; entropy: per-layer budgets with "
+                        "that mean from each layer's block-attention entropy on the calibration text (layers that "
+                        "spread attention keep more), recorded with the gates (default uniform)")
     p.add_argument("--output", "-o", default=None,
                    help="directory for attn_gates.safetensors/.json (default: the model directory if local, "
                         "else ./<model>-gates); a gates-only directory loads with llmprune.load like a checkpoint")
@@ -84,9 +88,18 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet, seed=args.seed,
     )
     base = str(local.resolve()) if local.is_dir() else ref
+    budgets = {}
+    if args.allocation == "entropy" and args.attn_sparsity > 0:
+        from llmprune.calibration.attn_entropy import attention_entropy
+        from llmprune.runtime.gates.budgets import layer_sparsities
+
+        scores = attention_entropy(model, calib[:4], block_size=args.block_size)  # eager attention, 4 sequences
+        budgets = {"allocation": "entropy", "attn_entropy": [round(x, 6) for x in scores],
+                   "layer_sparsity": layer_sparsities(scores, args.attn_sparsity)}
     extra = {
         "base_model": base,
         "attn_sparsity": args.attn_sparsity,
+        **budgets,
         "calibration": calib_cfg.to_dict(),
         "steps": args.steps,
         "lr": args.lr,

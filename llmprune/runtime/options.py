@@ -130,6 +130,8 @@ def _setup_attn(model, config: RuntimeConfig) -> None:
         raise ConfigError("--attn-sparsity needs attention gates: pass --gates DIR (from llmprune train-gates) "
                           "or load a directory that holds them")
     rt.sparsity, rt.threshold, rt.budget = config.attn_sparsity, None, None
+    if rt.layer_sparsity and abs(sum(rt.layer_sparsity) / len(rt.layer_sparsity) - (config.attn_sparsity or 0)) > 1e-6:
+        rt.layer_sparsity = None  # per-layer budgets hold only for the mean they were made for
     return None
 
 

@@ -88,6 +88,11 @@ def gate_config_from_meta(meta, where: str | Path) -> GateConfig:
     sp = meta.get("attn_sparsity")
     if sp is not None and (isinstance(sp, bool) or not isinstance(sp, (int, float)) or not 0.0 <= sp < 1.0):
         raise LlmpruneError(f"{where}: attn_sparsity must be a number in [0, 1), got {sp!r}")
+    ls = meta.get("layer_sparsity")
+    if ls is not None and (not isinstance(ls, list) or len(ls) != cfg["num_layers"] or not all(
+            not isinstance(x, bool) and isinstance(x, (int, float)) and 0.0 <= x < 1.0 for x in ls)):
+        raise LlmpruneError(f"{where}: layer_sparsity must be a list of {cfg['num_layers']} numbers in [0, 1), "
+                            f"got {ls!r}")
     return GateConfig(**cfg)
 
 

@@ -40,13 +40,16 @@ IMPL = "llmprune_gated"
 
 @dataclass
 class GateRuntime:
-    """Selection policy shared by all layers, plus recall / sparsity counters.
+    """Selection policy, plus recall / sparsity counters.
 
-    ``backend`` requests the decode kernel: ``"auto"`` / ``"triton"`` / ``"torch"``
+    ``sparsity`` / ``threshold`` / ``budget`` apply to every layer; ``layer_sparsity`` (one block sparsity per
+    decoder layer, e.g. from :func:`~llmprune.runtime.gates.budgets.layer_sparsities`) overrides ``sparsity``
+    layer by layer. ``backend`` requests the decode kernel: ``"auto"`` / ``"triton"`` / ``"torch"``
     (:mod:`llmprune.runtime.kernel_policy`); ``use_kernel`` is its older boolean spelling.
     """
 
     sparsity: float | None = None
+    layer_sparsity: list[float] | None = None
     threshold: float | None = None
     budget: int | None = None
     measure_recall: bool = False
@@ -67,7 +70,8 @@ class GateRuntime:
 
     @property
     def active(self) -> bool:
-        return self.threshold is not None or self.budget is not None or bool(self.sparsity)
+        return (self.threshold is not None or self.budget is not None or bool(self.sparsity)
+                or bool(self.layer_sparsity and any(self.layer_sparsity)))
 
     def reset_stats(self) -> None:
         self.recall_sum, self.recall_rows, self.kept_blocks, self.causal_blocks = 0.0, 0, 0, 0
@@ -81,7 +85,9 @@ class GateRuntime:
         if not self.active:
             return "attention gates attached, inactive (attn_sparsity 0): dense attention"
         rec, sp = self.recall, self.achieved_sparsity
-        policy = (f"attn_sparsity {self.sparsity}" if self.sparsity else
+        policy = ("per-layer attn_sparsity (mean "
+                  f"{sum(self.layer_sparsity) / len(self.layer_sparsity):.3f})" if self.layer_sparsity else
+                  f"attn_sparsity {self.sparsity}" if self.sparsity else
                   f"threshold {self.threshold}" if self.threshold is not None else f"budget {self.budget} tokens")
         return (f"attention gates: {policy}; blocks skipped {sp:.1%} of causal block pairs; "
                 f"gate recall {rec:.4f} (true attention mass inside kept blocks)" if rec is not None else
@@ -122,7 +128,9 @@ def attach_gates(model, gates, *, attn_sparsity=None, threshold=None, budget=Non
     """Attach gates (a directory saved by ``train-gates`` or a list of :class:`AttnGate`) to ``model``.
 
     Selection: ``attn_sparsity`` (fraction of KV blocks skipped), ``threshold`` or ``budget`` (tokens);
-    with none given, the sparsity recorded in the gates' JSON is used (dense if absent). Returns the
+    with none given, the sparsity recorded in the gates' JSON is used (dense if absent), with its per-layer
+    budgets (``layer_sparsity``, ``train-gates --allocation entropy``) when it has them; they also apply when
+    the ``attn_sparsity`` asked for is their mean. Returns the
     :class:`GateRuntime`, also reachable as ``gate_runtime(model)``; change its fields at any time.
     """
     meta = {}
@@ -149,6 +157,10 @@ def attach_gates(model, gates, *, attn_sparsity=None, threshold=None, budget=Non
     if attn_sparsity is None and threshold is None and budget is None:
         attn_sparsity = meta.get("attn_sparsity")
     rt = GateRuntime(sparsity=attn_sparsity, threshold=threshold, budget=budget)
+    recorded = meta.get("layer_sparsity")
+    if recorded and threshold is None and budget is None and attn_sparsity is not None \
+            and abs(attn_sparsity - sum(recorded) / len(recorded)) < 1e-6:
+        rt.layer_sparsity = list(recorded)
     param = next(model.parameters())
     handles = []
     for layer, gate in zip(layers, gates):
@@ -223,7 +235,8 @@ def _select(module, gate: AttnGate, q: torch.Tensor, k: torch.Tensor):
     kpos = torch.arange(gk.shape[2], device=q.device)
     logp = gate.scores(gate.project_q(pool_q(qcat, bs, cfg.num_kv_heads), qpos), gk, qpos, kpos)
     if rt.active:
-        keep = select_blocks(logp, qpos, sparsity=rt.sparsity, threshold=rt.threshold, budget=rt.budget, block_size=bs)
+        sparsity = rt.sparsity if rt.layer_sparsity is None else rt.layer_sparsity[module.layer_idx]
+        keep = select_blocks(logp, qpos, sparsity=sparsity, threshold=rt.threshold, budget=rt.budget, block_size=bs)
     else:
         keep = kpos[None, :] <= qpos[:, None]
     rt.kept_blocks += int(keep.sum())
