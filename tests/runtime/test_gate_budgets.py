@@ -22,6 +22,7 @@ def test_layer_sparsities_hit_the_mean_and_follow_the_scores():
     assert sp == pytest.approx([0.85, 0.925, 0.925])
     assert sum(sp) / 3 == pytest.approx(0.9, abs=1e-12)
     assert layer_sparsities([3.0, 1.0, 2.0], 0.9, power=0) == pytest.approx([0.9, 0.9, 0.9])
+    assert layer_sparsities([1.0, 0.5, 0.5], 0.9, power=-1) == pytest.approx([0.94, 0.88, 0.88])  # weights 1, 2, 2
     # bounds: the top layer cannot drop below min_sparsity, the rest is spread to hold the mean
     sp = layer_sparsities([10.0, 1.0, 1.0, 1.0], 0.9, min_sparsity=0.8)
     assert sp[0] == pytest.approx(0.8) and sum(sp) / 4 == pytest.approx(0.9)
@@ -30,7 +31,7 @@ def test_layer_sparsities_hit_the_mean_and_follow_the_scores():
 
 @pytest.mark.parametrize("kwargs,needle", [
     ({"scores": [1.0], "mean": 1.0}, "strictly between"), ({"scores": [], "mean": 0.5}, "scores"),
-    ({"scores": [1.0, float("nan")], "mean": 0.5}, "scores"), ({"scores": [1.0], "mean": 0.5, "power": -1}, "power"),
+    ({"scores": [1.0, float("nan")], "mean": 0.5}, "scores"), ({"scores": [1.0], "mean": 0.5, "power": float("inf")}, "power"),
     ({"scores": [1.0], "mean": 0.5, "min_sparsity": 0.6}, "bounds"),
 ])
 def test_layer_sparsities_bad_inputs(kwargs, needle):

@@ -27,7 +27,7 @@ def layer_sparsities(scores: list[float], mean: float, *, power: float = 1.0, mi
     Args:
         scores: one non-negative score per decoder layer (e.g. normalized attention entropy).
         mean: the mean block sparsity, in (0, 1).
-        power: sharpness of the mapping (0 = uniform).
+        power: sharpness of the mapping (0 = uniform; negative: the *low*-score layers keep more).
         min_sparsity, max_sparsity: bounds of any layer's sparsity (default ``mean - 0.3`` / ``mean + 0.08``,
             within [0, 0.98]).
         resolution: keeps are integers in units of ``1 / resolution``.
@@ -39,8 +39,8 @@ def layer_sparsities(scores: list[float], mean: float, *, power: float = 1.0, mi
         raise ConfigError(f"the mean gate sparsity must lie strictly between 0 and 1, got {mean!r}")
     if not scores or any(not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0 for x in scores):
         raise ConfigError(f"gate budget scores must be finite numbers >= 0, one per layer, got {scores!r}")
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power) or power < 0:
-        raise ConfigError(f"power must be a number >= 0, got {power!r}")
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power):
+        raise ConfigError(f"power must be a finite number, got {power!r}")
     lo_s = max(0.0, mean - 0.3) if min_sparsity is None else min_sparsity
     hi_s = min(0.98, mean + 0.08) if max_sparsity is None else max_sparsity
     if not lo_s <= mean <= hi_s:
@@ -49,6 +49,6 @@ def layer_sparsities(scores: list[float], mean: float, *, power: float = 1.0, mi
     total = round(n * (1.0 - mean) * resolution)
     lo, hi = math.ceil((1.0 - hi_s) * resolution - 1e-9), math.floor((1.0 - lo_s) * resolution + 1e-9)
     top = max(scores) or 1.0
-    weights = [1.0] * n if power == 0 else [(x / top) ** power for x in scores]
+    weights = [1.0] * n if power == 0 else [(max(x, 1e-6 * top) / top) ** power for x in scores]
     keeps = integer_keeps(weights, total, lo, hi)
     return [1.0 - k / resolution for k in keeps]
