@@ -32,6 +32,27 @@ from llmprune.evaluate.perplexity import perplexity, token_stream, wikitext2_tex
 ROWS = [("wanda", "none"), ("wanda", "block"), ("sparsegpt", "none"), ("sparsegpt", "block")]
 
 
+def variant(r: dict) -> str:
+    """A row's extra recovery flags (from its command): rows of the same method differ by them."""
+    if r["recover"] == "none" or "cmd" not in r:
+        return ""
+    return r["cmd"].split(f"--recover {r['recover']}", 1)[1].strip()
+
+
+def key(r: dict) -> tuple:
+    return r["method"], r["recover"], r.get("seed"), variant(r)
+
+
+def options(r: dict) -> str:
+    """The recovery options of a row, from its recorded config."""
+    c = r.get("recover_config")
+    if not c:
+        return "-"
+    extra = [f"{c[k]}" for k, d in (("scope", "separate"), ("mask", "fixed")) if c.get(k, d) != d]
+    lr = c["lr"] if c["lr"] is not None else {"block": 2e-3, "e2e": 2e-4}[c["mode"]]  # RecoveryConfig.DEFAULT_LR
+    return ", ".join([f"{c.get('loss', 'mse')} loss", f"{c['steps']} steps", f"lr {lr:g}", *extra])
+
+
 def run_compress(method: str, recover: str, calib: Path, out: Path, args, seed: int) -> dict:
     cmd = [
         sys.executable, "-m", "llmprune", "compress", "smollm2-135m", "--method", method, "--sparsity", "2:4",
@@ -98,14 +119,14 @@ def main() -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(json_path.read_text()) if args.append and json_path.exists() else []
     if args.reuse_foundation:
-        have = {(r["method"], r["recover"], r.get("seed")) for r in results}
+        have = {key(r) for r in results}
         for r in json.loads(Path(args.reuse_foundation).read_text()):
-            key = ("dense", "none", None) if r["method"] == "dense" else (r["method"], "none", 0)
-            if key not in have and (r["method"] == "dense" or (r["sparsity"] == "2:4" and key[0] in ("wanda", "sparsegpt"))):
-                results.append({**r, "recover": "none", "seed": key[2], "source": args.reuse_foundation})
-    done = {(r["method"], r["recover"], r.get("seed")) for r in results}
+            k = ("dense", "none", None, "") if r["method"] == "dense" else (r["method"], "none", 0, "")
+            if k not in have and (r["method"] == "dense" or (r["sparsity"] == "2:4" and k[0] in ("wanda", "sparsegpt"))):
+                results.append({**r, "recover": "none", "seed": k[2], "source": args.reuse_foundation})
+    done = {key(r) for r in results}
     t0 = time.perf_counter()
-    if ("dense", "none", None) not in done:
+    if ("dense", "none", None, "") not in done:
         dense = perplexity(llmprune.load("smollm2-135m"), ids, args.seqlen, max_windows, progress=False)
         results.append({"method": "dense", "recover": "none", "seed": None, "ppl": dense.ppl,
                         "windows": dense.windows, "tokens": dense.tokens})
@@ -114,9 +135,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for method, recover in rows:
-                if (method, recover, seed) in done:
+                flags = " ".join(args.recover_args.split()) if recover != "none" else ""
+                if (method, recover, seed, flags) in done:
                     continue
-                out = Path(args.work or tmp) / f"{method}-{recover}-{seed}"
+                slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in flags.replace("--recover-", ""))
+                out = Path(args.work or tmp) / f"{method}-{recover}-{seed}{'-' + slug if slug else ''}"
                 info_file = out.with_suffix(".run.json")
                 if args.work and (out / "llmprune.json").is_file() and info_file.is_file():
                     info = json.loads(info_file.read_text())  # compressed by an earlier run of this script
@@ -140,6 +163,7 @@ def main() -> None:
 
 def write_table(args, results: list[dict], seconds: float) -> None:
     order = [("dense", "none")] + ROWS
+    # stable: rows of one method and seed stay in the order they were run
     results = sorted(results, key=lambda r: (order.index((r["method"], r["recover"])), r.get("seed") or 0))
     dense = results[0]
     loads = [x for r in results for x in (r.get("load_before"), r.get("load_after")) if x is not None]
@@ -158,13 +182,15 @@ def write_table(args, results: list[dict], seconds: float) -> None:
         f"seed(s) {args.seeds}.",
         f"- Perplexity: WikiText-2 raw test joined with \"\\n\\n\", non-overlapping {args.seqlen}-token windows, "
         f"{'first ' if args.windows else 'all '}{dense['windows']} windows ({dense['tokens']} predicted tokens).",
-        "- Block recovery: `--recover block` (defaults unless --recover-args says otherwise): per decoder block, "
+        "- Block recovery: `--recover block` (defaults unless the row's command says otherwise): per decoder block, "
         "attention then MLP reconstructed against the dense outputs with Adam, mask fixed. Loss columns: mean over "
-        "layers of the per-part MSE after / before recovery.",
+        "layers of the per-part loss after / before recovery (the row's loss: `mse` = mean squared error, `token` = "
+        "per-token squared error over the dense token's squared norm; not comparable across losses). Rows with "
+        "different recovery options come from separate runs of this script (see the commands).",
         "",
-        "| method | recovery | seed | achieved | WikiText-2 ppl | vs one-shot | attn loss after/before | "
+        "| method | recovery | options | seed | achieved | WikiText-2 ppl | vs one-shot | attn loss after/before | "
         "mlp loss after/before | compress wall (s) | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {(r["method"], r.get("seed")): r["ppl"] for r in results if r["recover"] == "none"}
     for r in results:
@@ -176,9 +202,9 @@ def write_table(args, results: list[dict], seconds: float) -> None:
         la = f"{losses['attn']['ratio']:.3f}" if "attn" in losses else "-"
         lm = f"{losses['mlp']['ratio']:.3f}" if "mlp" in losses else "-"
         lines.append(
-            f"| {r['method']} | {r['recover']} | {'-' if r.get('seed') is None else r['seed']} | "
+            f"| {r['method']} | {r['recover']} | {options(r)} | {'-' if r.get('seed') is None else r['seed']} | "
             f"{r['achieved']:.4f} | {r['ppl']:.2f} | {vs} | {la} | {lm} | "
-            if "achieved" in r else f"| {r['method']} | - | - | - | {r['ppl']:.2f} | - | - | - | "
+            if "achieved" in r else f"| {r['method']} | - | - | - | - | {r['ppl']:.2f} | - | - | - | "
         )
         lines[-1] += (f"{r['wall_s']:.0f} | {r['peak_rss_mib']:.0f} |" if "wall_s" in r else "- | - |")
     reused = sorted({r["source"] for r in results if r.get("source")})
@@ -186,6 +212,9 @@ def write_table(args, results: list[dict], seconds: float) -> None:
         lines += ["", f"† taken from {', '.join(reused)} (the foundation table's run of the same protocol, seed 0), "
                   "not re-run here; its wall time was measured on an idle machine."]
     lines += ["", "Commands (per row):", ""] + [f"    {r['cmd']}" for r in results if "cmd" in r] + [""]
+    notes = Path(args.out).with_suffix(".notes.md")  # hand-written notes (e.g. reduced-protocol probes), kept as is
+    if notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
     Path(args.out).write_text("\n".join(lines))
     Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
 

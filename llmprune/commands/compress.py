@@ -55,7 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--recover block: attention then MLP (separate, default) or the whole block at once")
     p.add_argument("--recover-mask", default=None, choices=("fixed", "learn"),
                    help="--recover block: keep the mask (fixed, default) or learn the N:M mask (SR-STE)")
-    p.add_argument("--recover-lr", type=float, default=None, help="--recover: peak Adam learning rate (default 2e-4)")
+    p.add_argument("--recover-loss", default=None, choices=("mse", "token"),
+                   help="--recover block: plain MSE (default) or per-token relative error (token: each token's squared "
+                        "error over the dense token's squared norm, so attention-sink tokens do not dominate)")
+    p.add_argument("--recover-lr", type=float, default=None, help="--recover: peak Adam learning rate (default: block 2e-3, e2e 2e-4)")
     p.add_argument("--recover-batch-size", type=int, default=None, help="--recover: sequences per step (default 1)")
     p.add_argument("--output", "-o", default=None, help="output directory (default ./<model>-<method>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -115,7 +118,7 @@ def _stage_flags(args: argparse.Namespace, method=None) -> dict:
 
 
 _RECOVER_FLAGS = {"recover_scope": "scope", "recover_mask": "mask", "recover_lr": "lr",
-                  "recover_batch_size": "batch_size"}
+                  "recover_batch_size": "batch_size", "recover_loss": "loss"}
 
 
 def _recovery_from_args(args: argparse.Namespace, current):

@@ -2,8 +2,18 @@
 
 Block-wise reconstruction as in EBFT (Guo et al., 2024, "EBFT: Effective and Block-Wise Fine-Tuning for Sparse
 LLMs", https://arxiv.org/abs/2402.12419) and Wanda++'s regional optimization (Yang et al., 2025,
-https://arxiv.org/abs/2503.04992): minimize ``mean((f_sparse(x) - f_dense(x))^2)`` over the block's calibration
-inputs ``x``, where ``f`` is the attention module or the whole block.
+https://arxiv.org/abs/2503.04992): minimize the error of ``f_sparse(x)`` against ``f_dense(x)`` over the block's
+calibration inputs ``x``, where ``f`` is the attention module or the whole block.
+
+Losses (``RecoveryConfig.loss``), over the ``[b, s, h]`` outputs ``y`` (sparse) and ``t`` (dense):
+
+* ``mse``: ``sum((y - t)^2) / (b * s * h)``.
+* ``token``: per-token relative squared error, ``mean over the b * s tokens of ||y - t||^2 / ||t||^2`` (norms over
+  the hidden dimension). LLMs put massive activations on a few tokens (the attention sink at position 0: Sun et
+  al., 2024, "Massive Activations in Large Language Models", https://arxiv.org/abs/2402.17762); under ``mse`` their
+  error, hundreds of times the others', is most of the loss and Adam spends the steps matching them. Relative to
+  each token's own norm every token weighs the same. (Measured on SmolLM2-135M 2:4 it is not better than ``mse``
+  in perplexity: eval/results/recovery.md.)
 
 Masks (``RecoveryConfig.mask``):
 
@@ -47,7 +57,7 @@ class PartResult:
 
     Attributes:
         part: which part.
-        loss_before, loss_after: mean squared error against the dense outputs on the first
+        loss_before, loss_after: the loss (``RecoveryConfig.loss``) against the dense outputs on the first
             ``RecoveryConfig.eval_batches`` calibration batches, before the first and after the last step.
         steps: optimizer steps taken.
         seconds: wall time.
@@ -64,24 +74,48 @@ class PartResult:
                 "seconds": round(self.seconds, 3)}
 
 
+#: smallest dense-token squared norm a ``token`` loss divides by (an all-zero target token counts as 1e-12)
+TINY = 1e-12
+
+
 def sq_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Summed squared error in fp32 (a 0-d tensor)."""
     return (out.float() - target.float()).pow(2).sum()
 
 
+def loss_terms(out: torch.Tensor, target: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
+    """``(summed loss, count)`` of ``out`` against ``target`` (both ``[..., h]``); the loss is their ratio.
+
+    Args:
+        kind: ``"mse"`` (sum of squared errors, count the elements) or ``"token"`` (sum over tokens of
+            ``||out - target||^2 / ||target||^2`` over the last dimension, count the tokens).
+
+    Returns:
+        A 0-d fp32 tensor (with ``out``'s graph) and an int; summing both over batches gives the mean over them all.
+    """
+    if kind == "mse":
+        return sq_error(out, target), target.numel()
+    if kind != "token":
+        raise ValueError(f"unknown recovery loss {kind!r}")
+    t = target.float()
+    err = (out.float() - t).pow(2).sum(-1)
+    return (err / t.pow(2).sum(-1).clamp_min(TINY)).sum(), err.numel()
+
+
 @torch.no_grad()
 def mean_error(forward: Forward, target: Forward, rows: Sequence[int], all_reduce: AllReduce | None,
-               local: Sequence[int] | None = None) -> float:
-    """Mean squared error of ``forward`` against ``target`` over the local batches ``local`` (default all), summed
-    over every process."""
+               local: Sequence[int] | None = None, kind: str = "mse") -> float:
+    """The loss ``kind`` (:func:`loss_terms`) of ``forward`` against ``target`` over the local batches ``local``
+    (default all), summed over every process."""
     total = None
     for j in range(len(rows)) if local is None else local:
         r = rows[j]
         ref = target(j, 0, r)
         if total is None:  # on the outputs' device (an NCCL all-reduce needs CUDA tensors)
             total = torch.zeros(2, dtype=torch.float64, device=ref.device)
-        total[0] += float(sq_error(forward(j, 0, r), ref))
-        total[1] += ref.numel()
+        loss, count = loss_terms(forward(j, 0, r), ref, kind)
+        total[0] += float(loss)
+        total[1] += count
     if total is None:
         total = torch.zeros(2, dtype=torch.float64)
     if all_reduce is not None:
@@ -134,24 +168,25 @@ def reconstruct(
         raise ValueError(f"mask learn needs an N:M pattern, got {pattern}")
     # the reported losses: on the first ``eval_batches`` global calibration batches (0: all)
     measured = [j for j, g in enumerate(schedule.batch_ids) if not cfg.eval_batches or g < cfg.eval_batches]
-    before = mean_error(forward, target, rows, all_reduce, measured)
+    before = mean_error(forward, target, rows, all_reduce, measured, cfg.loss)
     masters = [lin.weight.detach().float().clone() for lin in linears]
     fixed = [None if learn else lin.weight.detach() != 0 for lin in linears]
-    opt = torch.optim.Adam(masters, lr=cfg.lr)
+    opt = torch.optim.Adam(masters, lr=cfg.peak_lr)
     bar = tqdm(range(cfg.steps), desc=desc, unit="step", leave=False, disable=not progress)
     keeps = [_keep(w, m, pattern) for w, m in zip(masters, fixed)]
     for lin, w, keep in zip(linears, masters, keeps):
         lin.weight.data.copy_(w * keep)
     for t in bar:
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(cfg.lr, t, cfg.steps)
+            group["lr"] = cosine_lr(cfg.peak_lr, t, cfg.steps)
         for lin in linears:
             lin.weight.grad = None
         at = schedule.at(t, rows, cfg.batch_size)
         if at is not None:
             with torch.enable_grad():
                 out, ref = forward(*at), target(*at)
-                loss = sq_error(out, ref) / ref.numel()
+                total, count = loss_terms(out, ref, cfg.loss)
+                loss = total / count
                 loss.backward()
             bar.set_postfix(loss=f"{float(loss.detach()):.3g}", refresh=False)
         grads = [lin.weight.grad.float() if lin.weight.grad is not None else torch.zeros_like(w)
@@ -171,5 +206,5 @@ def reconstruct(
                 lin.weight.data.copy_(w * keep)
     for lin in linears:
         lin.weight.grad = None
-    after = mean_error(forward, target, rows, all_reduce, measured)
+    after = mean_error(forward, target, rows, all_reduce, measured, cfg.loss)
     return PartResult(part, before, after, cfg.steps, time.perf_counter() - t0)

@@ -92,12 +92,12 @@ def distill(student: nn.Module, teacher: nn.Module, calib: torch.Tensor, cfg: Re
             student.train()  # checkpointing is active in training mode only; the models have no dropout in use
         masks = [lin.weight.detach() != 0 for lin in linears]
         masters = [lin.weight.detach().float().clone() for lin in linears]
-        opt = torch.optim.Adam(masters, lr=cfg.lr)
+        opt = torch.optim.Adam(masters, lr=cfg.peak_lr)
         n = calib.shape[0]
         bar = tqdm(range(cfg.steps), desc="distill", unit="step", disable=not progress)
         for t in bar:
             for group in opt.param_groups:
-                group["lr"] = cosine_lr(cfg.lr, t, cfg.steps)
+                group["lr"] = cosine_lr(cfg.peak_lr, t, cfg.steps)
             lo = (t * cfg.batch_size) % n
             ids = calib[lo:lo + cfg.batch_size].to(device)
             with torch.enable_grad():

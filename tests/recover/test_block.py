@@ -14,7 +14,7 @@ from llmprune.config import RecoveryConfig
 from llmprune.errors import ConfigError
 from llmprune.prune.recovery import cosine_lr
 from llmprune.recover.batches import Schedule, slice_rows
-from llmprune.recover.block import reconstruct
+from llmprune.recover.block import TINY, loss_terms, reconstruct
 from llmprune.recover.capture import record_dense
 from llmprune.sparsity import SparsityPattern, check_nm, nm_mask
 
@@ -32,12 +32,38 @@ def _problem(seed: int = 0):
     return dense, sparse, xs
 
 
-def test_reconstruct_matches_hand_loop_and_lowers_error():
+def _hand_loss(y: torch.Tensor, t: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
+    """The losses written out: mse over the elements, token: per-token ||y - t||^2 / ||t||^2 over the tokens."""
+    if kind == "mse":
+        return (y - t).pow(2).sum(), t.numel()
+    return ((y - t).pow(2).sum(-1) / t.pow(2).sum(-1)).sum(), t.numel() // t.shape[-1]
+
+
+def test_loss_terms_exact_values():
+    out = torch.tensor([[[1.0, 0.0], [3.0, 4.0]]])  # [b=1, s=2, h=2]
+    target = torch.tensor([[[1.0, 1.0], [3.0, 0.0]]])
+    total, count = loss_terms(out, target, "mse")
+    assert float(total) == 17.0 and count == 4  # 0 + 1 + 0 + 16
+    total, count = loss_terms(out, target, "token")
+    assert float(total) == pytest.approx(1 / 2 + 16 / 9, rel=1e-7) and count == 2  # 1 / ||(1,1)||^2 + 16 / ||(3,0)||^2
+    # a massive token (x100 in output and target) multiplies its mse share by 1e4 and leaves its token loss alone
+    big = torch.tensor([[100.0], [1.0]])
+    assert float(loss_terms(out * big, target * big, "mse")[0]) == 1e4 * 1 + 16
+    assert float(loss_terms(out * big, target * big, "token")[0]) == pytest.approx(1 / 2 + 16 / 9, rel=1e-6)
+    # an all-zero dense token is divided by TINY, not by 0
+    total, _ = loss_terms(torch.tensor([[0.5, 0.0]]), torch.zeros(1, 2), "token")
+    assert float(total) == pytest.approx(0.25 / TINY) and torch.isfinite(total)
+    with pytest.raises(ValueError, match="loss"):
+        loss_terms(out, target, "l1")
+
+
+@pytest.mark.parametrize("kind", ["mse", "token"])
+def test_reconstruct_matches_hand_loop_and_lowers_error(kind):
     dense, sparse, xs = _problem()
     targets = [dense(x).detach() for x in xs]
     w0 = sparse.weight.detach().clone()
     keep = w0 != 0
-    cfg = RecoveryConfig(steps=7, lr=0.05, eval_batches=0)
+    cfg = RecoveryConfig(steps=7, lr=0.05, eval_batches=0, loss=kind)
     sparse.weight.requires_grad_(True)
     res = reconstruct([sparse], lambda j, lo, hi: sparse(xs[j][lo:hi]), lambda j, lo, hi: targets[j][lo:hi],
                       [1, 1, 1], cfg, pattern=P24)
@@ -47,7 +73,8 @@ def test_reconstruct_matches_hand_loop_and_lowers_error():
     opt = torch.optim.Adam([master], lr=0.05)
     for t in range(7):
         opt.param_groups[0]["lr"] = cosine_lr(0.05, t, 7)
-        loss = (xs[t % 3] @ w.T - targets[t % 3]).pow(2).sum() / targets[t % 3].numel()
+        total, count = _hand_loss(xs[t % 3] @ w.T, targets[t % 3], kind)
+        loss = total / count
         loss.backward()
         master.grad = w.grad * keep
         w.grad = None
@@ -55,7 +82,10 @@ def test_reconstruct_matches_hand_loop_and_lowers_error():
         master.mul_(keep)
         w.data.copy_(master * keep)
     assert torch.equal(sparse.weight.data, w.data)
-    err = lambda wt: sum(float((x @ wt.T - y).pow(2).sum()) for x, y in zip(xs, targets)) / sum(y.numel() for y in targets)  # noqa: E731
+    def err(wt):
+        terms = [_hand_loss(x @ wt.T, y, kind) for x, y in zip(xs, targets)]
+        return sum(float(a) for a, _ in terms) / sum(n for _, n in terms)
+
     assert res.loss_before == pytest.approx(err(w0), rel=1e-6)
     assert res.loss_after == pytest.approx(err(w.data), rel=1e-6)
     assert res.loss_after < 0.9 * res.loss_before and res.steps == 7
@@ -163,6 +193,12 @@ def test_recovery_config_validation():
         RecoveryConfig(scope="mlp")
     with pytest.raises(ConfigError, match="recover.steps"):
         RecoveryConfig(steps=0)
+    with pytest.raises(ConfigError, match="recover.loss"):
+        RecoveryConfig(loss="l1")
+    assert RecoveryConfig().peak_lr == 2e-3 and RecoveryConfig(mode="e2e").peak_lr == 2e-4  # per-mode default
+    assert RecoveryConfig(lr=5e-4).peak_lr == 5e-4 and RecoveryConfig().loss == "mse"
+    with pytest.raises(ConfigError, match="recover.lr"):
+        RecoveryConfig(lr=0.0)
     with pytest.raises(ConfigError, match="learn"):
         RecoveryConfig(mode="e2e", mask="learn")
     with pytest.raises(ConfigError, match="N:M"):

@@ -68,10 +68,12 @@ def test_cli_flags_recipe_key_and_packed(tmp_path, capsys, model_dir, tiny_calib
     code, stdout, _ = run_cli(capsys, "compress", str(model_dir), "--method", "sparsegpt", "--sparsity", "2:4",
                               "--calib", str(tiny_calib_file), "--nsamples", "4", "--seqlen", "16", "--device", "cpu",
                               "--recover", "block", "--recover-steps", "3", "--recover-lr", "1e-3",
-                              "--recover-scope", "whole", "--format", "packed", "-o", str(out), "-q")
+                              "--recover-scope", "whole", "--recover-loss", "token", "--format", "packed", "-o", str(out),
+                              "-q")
     assert code == 0, stdout
     meta = json.loads((out / "llmprune.json").read_text())
     assert meta["recipe"]["recover"]["steps"] == 3 and meta["recipe"]["recover"]["scope"] == "whole"
+    assert meta["recipe"]["recover"]["loss"] == "token"
     assert meta["recipe"]["save"]["format"] == "packed"
     assert {"layer", "block"} == set(meta["recovery"]["blocks"][0])
     model = llmprune.load(str(out))
