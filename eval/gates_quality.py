@@ -54,7 +54,7 @@ def main() -> int:
                     help="comma list: train, dense, a block sparsity (e.g. 0.5), report")
     ap.add_argument("--raw", default="eval/results/raw/gates_quality", help="gates + per-stage JSON (git-ignored)")
     ap.add_argument("--entropy-nsamples", type=int, default=4, help="C4 sequences for the attention entropy")
-    ap.add_argument("--power", type=float, default=1.0, help="entropy budgets: keep ~ (entropy / max) ** power")
+    ap.add_argument("--power", type=float, default=-1.0, help="entropy budgets: keep ~ (entropy / max) ** power")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded machine)")
     ap.add_argument("--out", default="eval/results/gates_quality.md")
     args = ap.parse_args()

@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="block sparsity recorded as the default when the gates are loaded (default 0.5)")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "entropy"),
                    help="uniform: every layer skips --attn-sparsity of its blocks; entropy: per-layer budgets with "
-                        "that mean from each layer's block-attention entropy on the calibration text (layers that "
-                        "spread attention keep more), recorded with the gates (default uniform)")
+                        "that mean from each layer's block-attention entropy on the calibration text (layers with "
+                        "concentrated attention keep more), recorded with the gates (default uniform)")
     p.add_argument("--output", "-o", default=None,
                    help="directory for attn_gates.safetensors/.json (default: the model directory if local, "
                         "else ./<model>-gates); a gates-only directory loads with llmprune.load like a checkpoint")

@@ -18,13 +18,13 @@ from llmprune.runtime.gates.training import train_gates
 
 def test_layer_sparsities_hit_the_mean_and_follow_the_scores():
     # keeps ~ c * score / max in units of 1/1000, mean keep 0.1: scores 1, 0.5, 0.5 -> c solves c*(1+.5+.5)=0.3
-    sp = layer_sparsities([1.0, 0.5, 0.5], 0.9)
+    sp = layer_sparsities([1.0, 0.5, 0.5], 0.9, power=1)
     assert sp == pytest.approx([0.85, 0.925, 0.925])
     assert sum(sp) / 3 == pytest.approx(0.9, abs=1e-12)
     assert layer_sparsities([3.0, 1.0, 2.0], 0.9, power=0) == pytest.approx([0.9, 0.9, 0.9])
-    assert layer_sparsities([1.0, 0.5, 0.5], 0.9, power=-1) == pytest.approx([0.94, 0.88, 0.88])  # weights 1, 2, 2
+    assert layer_sparsities([1.0, 0.5, 0.5], 0.9) == pytest.approx([0.94, 0.88, 0.88])  # default -1: weights 1, 2, 2
     # bounds: the top layer cannot drop below min_sparsity, the rest is spread to hold the mean
-    sp = layer_sparsities([10.0, 1.0, 1.0, 1.0], 0.9, min_sparsity=0.8)
+    sp = layer_sparsities([10.0, 1.0, 1.0, 1.0], 0.9, power=1, min_sparsity=0.8)
     assert sp[0] == pytest.approx(0.8) and sum(sp) / 4 == pytest.approx(0.9)
     assert all(0.8 - 1e-12 <= s <= 0.98 + 1e-12 for s in sp)
 
