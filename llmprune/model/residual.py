@@ -111,14 +111,14 @@ def _stash_input(layer: nn.Module, module: nn.Module, args: tuple) -> None:
         module._llmprune_in = args[0]  # a plain tensor attribute: not a parameter, not saved
 
 
-def _mid_with_attn_shortcut(layer: nn.Module, norm: nn.Module, args: tuple):
+def _mid_with_attn_shortcut(layer: nn.Module, attn_norm_name: str, norm: nn.Module, args: tuple):
     """MLP-norm pre-hook: ``h_mid = h + attn`` becomes ``h S_attn + attn``; both are kept for the layer hook."""
     mid = args[0]
     norm._llmprune_mid = norm._llmprune_true_mid = mid
     sc = getattr(layer, "attn_shortcut", None)
     if sc is None:
         return None
-    attn_norm = getattr(layer, block_parts(layer).attn_norm)
+    attn_norm = getattr(layer, attn_norm_name)
     h, attn_norm._llmprune_in = attn_norm._llmprune_in, None
     h = h.reshape(mid.shape)
     true_mid = (mid.float() - h.float() + (h @ sc.weight.to(h.dtype)).float()).to(mid.dtype)
@@ -157,7 +157,7 @@ def _install_hooks(layer: nn.Module) -> None:
     bp = block_parts(layer)
     getattr(layer, bp.attn_norm).register_forward_pre_hook(functools.partial(_stash_input, layer))
     mlp_norm = getattr(layer, bp.mlp_norm)
-    mlp_norm.register_forward_pre_hook(functools.partial(_mid_with_attn_shortcut, layer))
+    mlp_norm.register_forward_pre_hook(functools.partial(_mid_with_attn_shortcut, layer, bp.attn_norm))
     layer.register_forward_hook(functools.partial(_apply_shortcuts, bp.mlp_norm))
     layer._llmprune_shortcut_hooks = True
 
