@@ -74,6 +74,14 @@ class _Last:
         self.x = x
 
 
+def _unrotated(skip: torch.Tensor, act: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
+               b: torch.Tensor | None) -> torch.Tensor:
+    """The residual ``skip q^T + act w^T + b`` ``[tokens, d]`` in the original basis (fp32) from a skip term
+    ``[..., k]`` in basis ``q`` ``[d, k]`` and the writing linear's input ``act`` ``[..., in]``."""
+    y = skip.reshape(-1, skip.shape[-1]).float() @ q.T + act.reshape(-1, act.shape[-1]).float() @ w.T
+    return y if b is None else y + b
+
+
 def rotate_reads(linears: list[nn.Linear], q: torch.Tensor) -> None:
     """``linears`` read the residual in basis ``q`` ``[d, k]``."""
     for lin in linears:
@@ -100,10 +108,7 @@ def sequential_mids(layer: nn.Module, bp: BlockParts, inputs: LayerInputs, q: to
 
     def combine(b: int, _value, _fed) -> None:
         h = inputs.hidden[b]
-        y = h.reshape(-1, h.shape[-1]).float() @ qf.T + o.x.reshape(-1, o.x.shape[-1]).float() @ wf.T
-        if bf is not None:
-            y = y + bf
-        outs.append(y.reshape(*h.shape[:-1], -1))
+        outs.append(_unrotated(h, o.x, qf, wf, bf).reshape(*h.shape[:-1], -1))
 
     collect({"o": bp.attn_out}, {"o": {"x": o}}, [partial(run_layer, layer, inputs, b) for b in range(len(inputs))],
             on_batch=combine, stop_early=True)
@@ -145,10 +150,7 @@ def sequential_outputs(layer: nn.Module, bp: BlockParts, inputs: LayerInputs, q:
     bf = None if b_down is None else b_down.float()
 
     def combine(b: int, _value, _fed) -> None:
-        y = mid.x.float() @ qf.T + act.x.float() @ wf.T
-        if bf is not None:
-            y = y + bf
-        outs.append(y.reshape(*inputs.hidden[b].shape[:-1], -1))
+        outs.append(_unrotated(mid.x, act.x, qf, wf, bf).reshape(*inputs.hidden[b].shape[:-1], -1))
 
     collect({"mid": getattr(layer, bp.mlp_norm), "act": bp.mlp_out}, {"mid": {"x": mid}, "act": {"x": act}},
             [partial(run_layer, layer, inputs, b) for b in range(len(inputs))], on_batch=combine)
