@@ -36,6 +36,7 @@ from llmprune.formats.checkpoint import read_metadata
 from llmprune.runtime.actsparse.apply import attach_act_sparsity
 from llmprune.runtime.actsparse.thresholds import load_thresholds
 from llmprune.runtime.flags import add_runtime_arguments, runtime_from_args  # noqa: F401 - re-exported
+from llmprune.runtime.gates.budgets import budgets_at
 from llmprune.runtime.gates.runtime import GateRuntime, attach_gates, gate_runtime
 from llmprune.runtime.kvcache import BitmapKVCache
 from llmprune.runtime.kvcache.budgets import load_budgets
@@ -130,8 +131,7 @@ def _setup_attn(model, config: RuntimeConfig) -> None:
         raise ConfigError("--attn-sparsity needs attention gates: pass --gates DIR (from llmprune train-gates) "
                           "or load a directory that holds them")
     rt.sparsity, rt.threshold, rt.budget = config.attn_sparsity, None, None
-    if rt.layer_sparsity and abs(sum(rt.layer_sparsity) / len(rt.layer_sparsity) - (config.attn_sparsity or 0)) > 1e-6:
-        rt.layer_sparsity = None  # per-layer budgets hold only for the mean they were made for
+    rt.layer_sparsity = budgets_at(rt.layer_sparsity, config.attn_sparsity)
     return None
 
 

@@ -10,7 +10,7 @@ from helpers import tiny_llama
 
 from llmprune.calibration.attn_entropy import attention_entropy, block_entropy
 from llmprune.errors import ConfigError, LlmpruneError
-from llmprune.runtime.gates.budgets import layer_sparsities
+from llmprune.runtime.gates.budgets import budgets_at, layer_sparsities
 from llmprune.runtime.gates.gate import GateConfig
 from llmprune.runtime.gates.runtime import attach_gates, detach_gates
 from llmprune.runtime.gates.training import train_gates
@@ -27,6 +27,12 @@ def test_layer_sparsities_hit_the_mean_and_follow_the_scores():
     sp = layer_sparsities([10.0, 1.0, 1.0, 1.0], 0.9, power=1, min_sparsity=0.8)
     assert sp[0] == pytest.approx(0.8) and sum(sp) / 4 == pytest.approx(0.9)
     assert all(0.8 - 1e-12 <= s <= 0.98 + 1e-12 for s in sp)
+
+
+def test_budgets_hold_only_at_their_mean():
+    assert budgets_at([0.8, 0.9], 0.85) == [0.8, 0.9]
+    assert budgets_at([0.8, 0.9], 0.9) is None and budgets_at([0.8, 0.9], None) is None
+    assert budgets_at(None, 0.85) is None and budgets_at([], 0.85) is None
 
 
 @pytest.mark.parametrize("kwargs,needle", [

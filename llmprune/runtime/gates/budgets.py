@@ -56,3 +56,10 @@ def layer_sparsities(scores: list[float], mean: float, *, power: float = -1.0, m
     weights = [1.0] * n if power == 0 else [(max(x, 1e-6 * top) / top) ** power for x in scores]
     keeps = integer_keeps(weights, total, lo, hi)
     return [1.0 - k / resolution for k in keeps]
+
+
+def budgets_at(layer_sparsity: list[float] | None, sparsity: float | None) -> list[float] | None:
+    """``layer_sparsity`` if its mean is ``sparsity``, else None (budgets hold only for the mean they were made for)."""
+    if not layer_sparsity or sparsity is None:
+        return None
+    return list(layer_sparsity) if abs(sum(layer_sparsity) / len(layer_sparsity) - sparsity) < 1e-6 else None

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from llmprune.errors import LlmpruneError
 from llmprune.formats.gates_meta import GATES_CONFIG
 from llmprune.model.access import decoder_layers
+from llmprune.runtime.gates.budgets import budgets_at
 from llmprune.runtime.gates.files import load_gates
 from llmprune.runtime.gates.gate import AttnGate, pool_k, pool_q, select_blocks, unrotate
 from llmprune.runtime.kernel_policy import GATED_DECODE_QUERIES, backend_from_flag, use_kernel
@@ -157,10 +158,8 @@ def attach_gates(model, gates, *, attn_sparsity=None, threshold=None, budget=Non
     if attn_sparsity is None and threshold is None and budget is None:
         attn_sparsity = meta.get("attn_sparsity")
     rt = GateRuntime(sparsity=attn_sparsity, threshold=threshold, budget=budget)
-    recorded = meta.get("layer_sparsity")
-    if recorded and threshold is None and budget is None and attn_sparsity is not None \
-            and abs(attn_sparsity - sum(recorded) / len(recorded)) < 1e-6:
-        rt.layer_sparsity = list(recorded)
+    if threshold is None and budget is None:
+        rt.layer_sparsity = budgets_at(meta.get("layer_sparsity"), attn_sparsity)
     param = next(model.parameters())
     handles = []
     for layer, gate in zip(layers, gates):
