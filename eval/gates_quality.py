@@ -85,31 +85,32 @@ def main() -> int:
             print(row, flush=True)
         elif st.startswith("entropy:"):  # per-layer budgets from the attention entropy, mean s
             s = float(st.split(":", 1)[1])
-            scores = entropy_scores(model, tok, raw, args)
-            sp = layer_sparsities(scores, s, power=args.power)
-            rt = attach_gates(model, raw / "gates", attn_sparsity=s)
-            rt.layer_sparsity = sp
-            rt.measure_recall = True
-            rt.reset_stats()
-            r = perplexity(model, stream(tok, args), args.seqlen, args.windows, progress=False)
-            row = {"setting": f"gates, entropy budgets (power {args.power:g}), mean attn_sparsity {s}", **r.to_dict(),
-                   "skipped": rt.achieved_sparsity, "recall": rt.recall, "layer_sparsity": sp}
-            detach_gates(model)
-            (raw / f"entropy_{s}_p{args.power:g}_w{args.window_start}.json").write_text(json.dumps(row, indent=2) + "\n")
-            print(row, flush=True)
+            sp = layer_sparsities(entropy_scores(model, tok, raw, args), s, power=args.power)
+            gated_row(model, tok, raw, args, s, f"gates, entropy budgets (power {args.power:g}), mean attn_sparsity {s}",
+                      f"entropy_{s}_p{args.power:g}_w{args.window_start}.json", sp)
         elif st != "report":
             s = float(st)
-            rt = attach_gates(model, raw / "gates", attn_sparsity=s)
-            rt.measure_recall = True
-            rt.reset_stats()
-            r = perplexity(model, stream(tok, args), args.seqlen, args.windows, progress=False)
-            row = {"setting": f"gates, attn_sparsity {s}", **r.to_dict(), "skipped": rt.achieved_sparsity,
-                   "recall": rt.recall}
-            (raw / f"sparsity_{s}_w{args.window_start}.json").write_text(json.dumps(row, indent=2) + "\n")
-            print(row, flush=True)
+            gated_row(model, tok, raw, args, s, f"gates, attn_sparsity {s}", f"sparsity_{s}_w{args.window_start}.json")
     if "report" in stages:
         write_report(raw, args)
     return 0
+
+
+def gated_row(model, tok, raw: Path, args, s: float, setting: str, name: str,
+              layer_sparsity: list[float] | None = None) -> None:
+    """Perplexity with the gates attached at mean sparsity ``s`` (per-layer ``layer_sparsity`` if given), gate
+    recall and achieved sparsity; the row goes to ``raw / name``; the gates are detached afterwards."""
+    rt = attach_gates(model, raw / "gates", attn_sparsity=s)
+    if layer_sparsity is not None:
+        rt.layer_sparsity = layer_sparsity
+    rt.measure_recall = True
+    rt.reset_stats()
+    r = perplexity(model, stream(tok, args), args.seqlen, args.windows, progress=False)
+    row = {"setting": setting, **r.to_dict(), "skipped": rt.achieved_sparsity, "recall": rt.recall,
+           **({"layer_sparsity": layer_sparsity} if layer_sparsity is not None else {})}
+    detach_gates(model)
+    (raw / name).write_text(json.dumps(row, indent=2) + "\n")
+    print(row, flush=True)
 
 
 def entropy_scores(model, tok, raw: Path, args) -> list[float]:
