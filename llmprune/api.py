@@ -6,6 +6,7 @@ The CLI and the eval scripts are thin wrappers over these.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from llmprune.config import PruneConfig, Recipe, RecoveryConfig
 from llmprune.engine.layerwise import capture_inputs, default_compute_dtype, prune_layerwise
 from llmprune.engine.preflight import check_model_finite, preflight, recipe_needs_calibration
 from llmprune.engine.run import model_is_path
+from llmprune.engine.sequential import resolve_sequential
 from llmprune.engine.step import check_stages, verify_model
 from llmprune.engine.streaming import (
     StreamOptions,
@@ -69,6 +71,7 @@ def prune(
     batch_size: int = 8,
     progress: bool = True,
     recover: RecoveryConfig | None = None,
+    sequential: str = "auto",
 ) -> PruneReport:
     """Prune ``model`` in place with one config or a sequence of stages.
 
@@ -83,6 +86,9 @@ def prune(
         recover: recovery that keeps the pattern (:mod:`llmprune.recover`): ``mode="block"`` reconstructs
             each pruned decoder block against the dense one inside the layer loop, ``mode="e2e"`` distills
             the pruned model from a copy of the dense one afterwards; None: none.
+        sequential: which inputs each decoder layer's statistics see (:attr:`CalibConfig.sequential`):
+            ``"module"`` (one pass per layer), ``"layer"`` (the dense layer, two passes) or ``"auto"``
+            (:func:`~llmprune.engine.sequential.resolve_sequential`); the order used is ``report.sequential``.
 
     Returns:
         A :class:`PruneReport`.
@@ -92,6 +98,9 @@ def prune(
     if recover is not None and calib is None:
         raise ConfigError("recovery needs calibration data")
     block = recover if recover is not None and recover.mode == "block" else None
+    if block is not None and sequential == "module":
+        raise ConfigError("sequential='module' cannot be combined with block recovery, which reconstructs each "
+                          "layer against the dense layer's outputs (use 'layer' or 'auto')")
     teacher = copy.deepcopy(model) if recover is not None and recover.mode == "e2e" else None
     dev = resolve_device(device)
     report = PruneReport()
@@ -116,6 +125,12 @@ def prune(
                 continue
             compute = default_compute_dtype(model, dev)  # fp32 on CPU for 16-bit models, one layer at a time
             inputs = capture_inputs(model, calib, dev, batch_size, compute) if method.stats or block else None
+            order = "layer"
+            if method.stats:
+                element = torch.empty((), dtype=compute or next(model.parameters()).dtype).element_size()
+                order = resolve_sequential(sequential, recover=block, tokens=calib.numel(), model_config=model.config,
+                                           element_size=element, device=dev)
+                report.sequential = order
             report.modules.extend(
                 prune_layerwise(
                     model,
@@ -127,6 +142,7 @@ def prune(
                     progress=progress,
                     recover=block,
                     compute_dtype=compute,
+                    sequential=order,
                 )
             )
             del inputs
@@ -193,6 +209,7 @@ def compress(
     opts = StreamOptions(resume=resume, max_memory=max_memory, offload_dir=offload_dir, dist_reduce=dist_reduce)
     check_stream_options(opts)
     check_recovery(recipe.recover, recipe.stages, [method_for_config(s).kind for s in recipe.stages])
+    recipe.validate()  # sections may have been changed after the recipe was built
     needs_calib = recipe_needs_calibration(recipe)
     if needs_calib:
         check_calib_source(recipe.calibration)
@@ -228,7 +245,9 @@ def compress(
         calib, calib_cfg = load_calibration_resolved(calib_cfg, tokenizer, model, progress=progress)  # auto -> c4/self
         log.info("calibration data: %s in %.1fs", tuple(calib.shape), time.perf_counter() - t_cal)
     report = prune(model, recipe.stages, calib, device=dev, batch_size=calib_cfg.batch_size, progress=progress,
-                   recover=recipe.recover)
+                   recover=recipe.recover, sequential=calib_cfg.sequential)
+    if report.sequential is not None:  # recorded as resolved (auto -> module/layer), so the run can be repeated
+        calib_cfg = dataclasses.replace(calib_cfg, sequential=report.sequential)
     verify_model(model, recipe.stages, report.modules)  # an internal error here: nothing is saved
     model.config.use_cache = True
     if recipe.save.dtype != "auto":  # save.dtype: the saved weights' dtype (pruned zeros stay zeros)

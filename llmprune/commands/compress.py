@@ -39,6 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=None, help="tokens per sequence (default 2048, clipped to the model)")
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward (default 8)")
+    p.add_argument("--sequential", default=None, choices=("auto", "module", "layer"),
+                   help="which inputs a layer's statistics see: module (earlier linears of the layer already pruned; "
+                        "one forward per layer), layer (the dense layer, then a second forward; the Wanda/SparseGPT "
+                        "reference order) or auto (default: module when its activations fit in memory and no "
+                        "block recovery runs; the resolved order is recorded)")
     p.add_argument("--ignore", nargs="+", default=None, metavar="PATTERN", help="module-name patterns left dense")
     p.add_argument("--format", default=None, help="checkpoint format: dense (default) or packed (2:4 values + metadata)")
     p.add_argument("--act-sparsity", type=float, default=None,
@@ -185,11 +190,13 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         ("seqlen", "seqlen"),
         ("seed", "seed"),
         ("batch_size", "batch_size"),
+        ("sequential", "sequential"),
     ):
         value = getattr(args, flag)
         if value is not None:
             cal[key] = value
     recipe.calibration = CalibConfig(**cal)
+    recipe.validate()
     if args.format is not None:
         recipe.save = SaveConfig(**{**recipe.save.to_dict(), "format": args.format})  # keeps save.dtype
     return recipe

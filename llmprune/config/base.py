@@ -92,6 +92,11 @@ class CalibConfig:
         seqlen: tokens per sequence (clipped to the model's context).
         seed: sampling seed.
         batch_size: sequences per forward pass in the layer-by-layer driver.
+        sequential: which inputs a decoder layer's statistics see: ``"module"``, each linear's from the layer
+            with its earlier linears already pruned, in one forward pass per layer; ``"layer"``, every linear's
+            from the dense layer, then a second pass of the pruned layer (the Wanda/SparseGPT reference
+            protocol); ``"auto"``, ``module`` when its activations (every batch in flight at once) fit in
+            memory and no block recovery runs, else ``layer`` (see :mod:`llmprune.engine.sequential`).
     """
 
     #: Bounds on the sizes (the activations they imply are checked against the memory before any work).
@@ -106,8 +111,15 @@ class CalibConfig:
     seqlen: int = 2048
     seed: int = 0
     batch_size: int = 8
+    sequential: str = "auto"
+
+    #: ``sequential`` values.
+    SEQUENTIAL: ClassVar[tuple[str, ...]] = ("auto", "module", "layer")
 
     def __post_init__(self) -> None:
+        if self.sequential not in self.SEQUENTIAL:
+            raise ConfigError(f"calibration.sequential must be one of {', '.join(self.SEQUENTIAL)}, "
+                              f"got {self.sequential!r}")
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError(f"calibration source must be a non-empty string, got {self.source!r}")
         check_int("nsamples", self.nsamples)

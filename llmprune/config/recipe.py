@@ -8,6 +8,7 @@ from typing import Any
 from llmprune.config.base import CalibConfig, PruneConfig, SaveConfig
 from llmprune.config.recovery import RecoveryConfig
 from llmprune.config.runtime import RuntimeConfig
+from llmprune.errors import ConfigError
 
 
 @dataclass
@@ -19,6 +20,19 @@ class Recipe:
     save: SaveConfig = field(default_factory=SaveConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     recover: RecoveryConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks across sections (the sections check themselves); call again after changing sections.
+
+        Raises:
+            ConfigError: one line naming the conflict.
+        """
+        if self.calibration.sequential == "module" and self.recover is not None and self.recover.mode == "block":
+            raise ConfigError("calibration.sequential 'module' cannot be combined with block recovery, which "
+                              "reconstructs each layer against the dense layer's outputs (use 'layer' or 'auto')")
 
     def to_dict(self) -> dict[str, Any]:
         out = {

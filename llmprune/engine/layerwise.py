@@ -21,6 +21,7 @@ from llmprune.calibration.capture import LayerInputs, capture_layer_inputs, run_
 from llmprune.calibration.distributed import Reduction
 from llmprune.calibration.stats import Accumulators
 from llmprune.config import PruneConfig, RecoveryConfig
+from llmprune.engine.onepass import prune_layer_one_pass
 from llmprune.engine.step import prune_layer
 from llmprune.model.access import decoder_layers, decoder_layers_path
 from llmprune.model.device import module_device
@@ -93,6 +94,7 @@ def prune_layerwise(
     reduce: Callable[[Accumulators], None] | None = None,
     recover: RecoveryConfig | None = None,
     compute_dtype: torch.dtype | None = None,
+    sequential: str = "layer",
 ) -> list[ModuleReport]:
     """Prune every linear of every decoder layer with a ``"linear"`` method.
 
@@ -110,6 +112,10 @@ def prune_layerwise(
         recover: block recovery of each pruned layer (:mod:`llmprune.recover`; needs ``inputs``), or None.
         compute_dtype: the dtype each layer (and the activations between layers) is computed in while it is on
             the device, cast back to its own dtype after (:func:`default_compute_dtype`); None: its own dtype.
+        sequential: ``"module"``: each layer calibrated and pruned in one pass
+            (:func:`~llmprune.engine.onepass.prune_layer_one_pass`, for methods with statistics and without
+            block recovery); ``"layer"``: statistics from the dense layer, then a second pass
+            (:mod:`llmprune.engine.sequential`).
 
     Returns:
         One :class:`ModuleReport` per pruned linear.
@@ -125,6 +131,7 @@ def prune_layerwise(
         inputs.hidden = [_cast_floats(h, compute_dtype) for h in inputs.hidden]
         inputs.args = [_cast_floats(a, compute_dtype) for a in inputs.args]
         inputs.kwargs = [_cast_floats(k, compute_dtype) for k in inputs.kwargs]
+    one_pass = sequential == "module" and bool(method.stats) and recover is None
     bar = tqdm(range(len(layers)), desc=f"{method.name} {config.sparsity}", unit="layer", disable=not progress)
     for idx in bar:
         layer = layers[idx]
@@ -133,11 +140,17 @@ def prune_layerwise(
         if compute_dtype is not None:
             layer.to(compute_dtype)
         batches = [partial(run_layer, layer, inputs, b) for b in range(n_batches)]
-        reports.extend(prune_layer(layer, idx, prefix, method, config, batches, device=device, ignore=ignore,
-                                   reduce=reduction, recover=recover, progress=progress))
-        if idx + 1 < len(layers):
-            for b in range(n_batches):
-                inputs.hidden[b] = run_layer(layer, inputs, b)
+        if one_pass:
+            layer_reports, outputs = prune_layer_one_pass(layer, idx, prefix, method, config, batches,
+                                                          device=device, ignore=ignore, reduce=reduction)
+            reports.extend(layer_reports)
+            inputs.hidden = outputs
+        else:
+            reports.extend(prune_layer(layer, idx, prefix, method, config, batches, device=device, ignore=ignore,
+                                       reduce=reduction, recover=recover, progress=progress))
+            if idx + 1 < len(layers):
+                for b in range(n_batches):
+                    inputs.hidden[b] = run_layer(layer, inputs, b)
         layer.to(home)
         if compute_dtype is not None and home_dtype is not None:
             layer.to(home_dtype)  # saved in the model's own dtype

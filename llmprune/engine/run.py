@@ -7,6 +7,7 @@ layer loop (calibration ids, layer-0 capture) are in :mod:`llmprune.engine.calib
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,11 +20,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.calibration.capture import LayerInputs, run_layer
-from llmprune.calibration.distributed import DistContext, make_all_reduce, make_reduction
+from llmprune.calibration.distributed import DistContext, broadcast_object, make_all_reduce, make_reduction
 from llmprune.config import CalibConfig, Recipe
 from llmprune.engine.activations import HiddenStore, check_activation_memory
 from llmprune.engine.calibration_phase import CalibrationPhase
 from llmprune.engine.layerwise import compute_dtype_for
+from llmprune.engine.onepass import prune_layer_one_pass
 from llmprune.engine.options import SimulatedInterruption, StreamOptions, parse_size
 from llmprune.engine.plan import (
     build_skeleton,
@@ -34,6 +36,7 @@ from llmprune.engine.plan import (
     to_meta,
 )
 from llmprune.engine.resume import RunState, commit, fingerprint, relative_source, start_or_resume
+from llmprune.engine.sequential import resolve_sequential
 from llmprune.engine.source import SafetensorsSource
 from llmprune.engine.step import check_stages, prune_layer
 from llmprune.engine.workdir import (
@@ -145,6 +148,7 @@ class StreamingRun(CalibrationPhase):
         writer = self._open_writer(resumed is not None)
         if calib is not None:
             self._first_inputs(calib, resumed, hidden_dir, state.next_layer)
+            self._resolve_sequential(calib, resumed)
             state.calibration = relative_source(self.calib_cfg.to_dict(), self.work)
             state.store = self.store.mode
             state.hidden = hidden_spec(self.output, opts.offload_dir) if resumed is None else resumed.hidden
@@ -168,6 +172,23 @@ class StreamingRun(CalibrationPhase):
             log.info("streamed checkpoint to %s in %.1fs", self.output, time.perf_counter() - self.t_start)
         ctx.barrier()
         return CompressResult(self.output, report, metadata)
+
+    def _resolve_sequential(self, calib: torch.Tensor, resumed: RunState | None) -> None:
+        """``calibration.sequential`` as this run takes it, the same on every rank (rank 0 decides): the
+        one-pass order needs the activations in memory and a calibration batch on every rank. A resumed run
+        keeps what it recorded (a state without the key predates the one-pass order: ``layer``)."""
+        requested = self.calib_cfg.sequential
+        if resumed is not None and resumed.calibration is not None and "sequential" not in resumed.calibration:
+            requested = "layer"
+        order = requested
+        if self.method.stats and requested == "auto":
+            compute = compute_dtype_for(self.dtype, self.device) or self.dtype
+            allowed = self.store.mode != "disk" and self.n_batches >= self.ctx.world
+            order = resolve_sequential(requested, recover=self.recover, tokens=calib.numel() // self.ctx.world,
+                                       model_config=self.plan.config, device=self.device, allowed=allowed,
+                                       element_size=torch.empty((), dtype=compute).element_size())
+        order = broadcast_object(order, self.ctx)
+        self.calib_cfg = dataclasses.replace(self.calib_cfg, sequential=order)
 
     def _already_done(self, state: RunState, hidden_dir: Path) -> CompressResult:
         """``--resume`` of a run interrupted after its checkpoint was moved into place: only clean up."""
@@ -211,6 +232,8 @@ class StreamingRun(CalibrationPhase):
         all_reduce = make_all_reduce(ctx)
         compute = compute_dtype_for(self.dtype, self.device)
         t_run = time.perf_counter()
+        one_pass = (bool(self.method.stats) and self.recover is None and self.calib_cfg is not None
+                    and self.calib_cfg.sequential == "module")
         bar = tqdm(range(start, n_layers), desc=f"{self.method.name} {self.stage.sparsity}", unit="layer",
                    disable=not progress or not ctx.is_main, initial=start, total=n_layers)
         for idx in bar:
@@ -223,14 +246,24 @@ class StreamingRun(CalibrationPhase):
             if compute is not None:
                 layer.to(compute)  # fp32 on the CPU for a 16-bit model, as the in-memory loop; written back below
             batches = [partial(self._run_batch, layer, g) for g in self.mine]
-            state.reports.extend(prune_layer(layer, idx, plan.prefix, self.method, self.stage, batches,
-                                             device=self.device, ignore=self._ignore,
-                                             reduce=reduction, recover=self.recover, schedule=schedule,
-                                             all_reduce=all_reduce, progress=progress and ctx.is_main))
             last = idx + 1 == n_layers
-            if store is not None and not last:
-                for g in self.mine:
-                    store.put(g, self._run_batch(layer, g))
+            if one_pass:
+                layer_reports, outputs = prune_layer_one_pass(layer, idx, plan.prefix, self.method, self.stage,
+                                                              batches, device=self.device, ignore=self._ignore,
+                                                              reduce=reduction)
+                state.reports.extend(layer_reports)
+                if not last:
+                    for g, out in zip(self.mine, outputs):
+                        store.put(g, out)
+                del outputs
+            else:
+                state.reports.extend(prune_layer(layer, idx, plan.prefix, self.method, self.stage, batches,
+                                                 device=self.device, ignore=self._ignore,
+                                                 reduce=reduction, recover=self.recover, schedule=schedule,
+                                                 all_reduce=all_reduce, progress=progress and ctx.is_main))
+                if store is not None and not last:
+                    for g in self.mine:
+                        store.put(g, self._run_batch(layer, g))
             if writer is not None:
                 sd = model.state_dict(keep_vars=True)
                 for k in keys:

@@ -27,6 +27,7 @@ class PruneReport:
     modules: list[ModuleReport] = field(default_factory=list)
     seconds: float = 0.0
     distill: dict | None = None  # end-to-end recovery (llmprune.recover.distill): losses before/after, steps
+    sequential: str | None = None  # the calibration order the per-linear stages ran in ("module" / "layer")
 
     def recovery(self) -> list[dict]:
         """Block recovery per decoder layer: ``[{"layer": i, part: {"loss_before", "loss_after", "steps"}}]``

@@ -39,14 +39,39 @@ def reference_prune(model, config, ids):
             m.weight.data.copy_(new_w)
 
 
+@torch.no_grad()
+def reference_prune_module(model, config, ids):
+    """Module-order definition: each linear pruned using stats from a full-model forward in which every
+    earlier linear (earlier layers, and the linears before it in its own layer) is already pruned."""
+    method = method_for_config(config)
+    for layer in decoder_layers(model):
+        for mod in linear_modules(layer).values():  # registration order = forward order (q/k/v share an input)
+            accs = {s: make_accumulator(s, mod, torch.device("cpu")) for s in method.stats}
+            def hook(m, args, out, accs=accs):
+                for a in accs.values():
+                    a.add(args[0])
+
+            handle = mod.register_forward_hook(hook)
+            model(input_ids=ids, use_cache=False)
+            handle.remove()
+            new_w, _ = method.fn(mod.weight.data, {s: a.result() for s, a in accs.items()}, config)
+            mod.weight.data.copy_(new_w)
+
+
+REFERENCES = {"layer": reference_prune, "module": reference_prune_module}
+
+
+@pytest.mark.parametrize("sequential", ["layer", "module"])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("config", [llmprune.WandaConfig(sparsity="2:4"), llmprune.SparseGPTConfig(sparsity=0.5, blocksize=32)])
-def test_layerwise_equals_whole_model_reference(arch, config):
+def test_layerwise_equals_whole_model_reference(arch, config, sequential):
     ids = torch.randint(0, TINY_VOCAB, (6, 24), generator=torch.Generator().manual_seed(0))
     a = tiny_model(arch).double()
     b = tiny_model(arch).double()
-    llmprune.prune(a, config, ids, device="cpu", batch_size=4, progress=False)  # 2 batches: 4 + 2
-    reference_prune(b, config, ids)
+    report = llmprune.prune(a, config, ids, device="cpu", batch_size=4, progress=False,  # 2 batches: 4 + 2
+                            sequential=sequential)
+    assert report.sequential == sequential
+    REFERENCES[sequential](b, config, ids)
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert na == nb
         assert torch.equal(pa == 0, pb == 0), f"{arch}: masks differ at {na}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -67,6 +68,9 @@ def test_small_shards_index_and_bf16(tmp_path, tiny_calib_file):
     opts = StreamOptions(max_shard_size="40KB", max_memory=1, offload_dir=tmp_path / "offload")
     res = compress_streaming(None, src, recipe, tmp_path / "out", device=torch.device("cpu"), dtype="bfloat16",
                              progress=False, options=opts)
+    # On disk the activations cannot all be in flight: the two-pass ("layer") order, as recorded.
+    assert llmprune.formats.checkpoint.read_metadata(res.output)["calibration"]["sequential"] == "layer"
+    recipe.calibration = dataclasses.replace(recipe.calibration, sequential="layer")
     ref = llmprune.compress(str(src), recipe, tmp_path / "ref", device="cpu", dtype="bfloat16", progress=False,
                             low_memory=False)
     assert all(torch.equal(t, _tensors(ref.output)[k]) for k, t in _tensors(res.output).items())
