@@ -141,9 +141,12 @@ def report(args) -> None:
         lines += [notes.read_text().strip(), ""]
     tolerable: dict[int, dict[str, str]] = {}
 
-    def complete(t, c):  # sample indices every setting has for (task, length)
+    def settings_at(c):  # the settings with rows at length c (a stage stopped at the deadline may have none)
+        return [s for s in settings if any(k[1] == c and k[2] == s for k in cells)]
+
+    def complete(t, c):  # sample indices every setting of that length has for (task, length)
         common = None
-        for s in settings:
+        for s in settings_at(c):
             idx = {r["index"] for r in cells.get((t, c, s), [])}
             common = idx if common is None else common & idx
         return common or set()
@@ -151,15 +154,16 @@ def report(args) -> None:
     partial = [c for c in contexts if not any(complete(t, c) for t in tasks)]
     contexts = [c for c in contexts if c not in partial]  # a length no task has every setting of is not tabled
     for c in contexts:
-        lines += [f"## context {c}", "", "| task | n | " + " | ".join(settings) + " |",
-                  "|---|---|" + "---|" * len(settings)]
-        means = {s: [] for s in settings}
+        here = settings_at(c)
+        lines += [f"## context {c}", "", "| task | n | " + " | ".join(here) + " |",
+                  "|---|---|" + "---|" * len(here)]
+        means = {s: [] for s in here}
         for t in tasks:
             common = complete(t, c)
             if not common:
                 continue
             vals = []
-            for s in settings:
+            for s in here:
                 a, _ = acc(t, c, s, common)
                 means[s].append(a)
                 vals.append(f"{a:.1f}")
@@ -167,12 +171,14 @@ def report(args) -> None:
         lines.append("| **mean** | | " + " | ".join(
             f"**{sum(v) / len(v):.1f}**" if v else "-" for v in means.values()) + " |")
         kv = []
-        for s in settings:
+        for s in here:
             rs = [r for (t, cc, ss), v in cells.items() if cc == c and ss == s for r in v]
             kv.append(f"{sum(r['kv_bytes'] for r in rs) / len(rs) / 2**20:.2f}" if rs else "-")
         lines += ["| KV cache MiB (mean) | | " + " | ".join(kv) + " |", ""]
         within, ok = [], {}
-        for s in settings[1:]:
+        if len(here) < len(settings):
+            lines += ["Not run at this length (time): " + ", ".join(s for s in settings if s not in here) + ".", ""]
+        for s in here[1:]:
             if means[s] and means.get("dense"):
                 d = sum(means[s]) / len(means[s]) - sum(means["dense"]) / len(means["dense"])
                 within.append(f"{s}: {d:+.1f} points ({'within' if d >= -5 else 'NOT within'} 5 of dense)")
@@ -195,10 +201,11 @@ def report(args) -> None:
     lines += ["n = samples per task, the same sample indices for every setting (index-major order, so a stage stopped "
               "at the deadline leaves about equal counts). With n this small one answer moves a task's score by "
               "100/n points: the comparisons are indicative, not significant.",
-              "Not measured in this run (time): " + "; ".join(x for x in [
+              "Not measured in this run (time): " + ("; ".join(x for x in [
                   f"tasks {', '.join(missing_t)}" if missing_t else "", f"contexts {', '.join(map(str, missing_c))}"
                   + (f" (only some settings have rows at {', '.join(map(str, partial))})" if partial else "")
-                  if missing_c else "", f"settings {', '.join(missing_s)}" if missing_s else ""] if x) + ".", ""]
+                  if missing_c else "", f"settings {', '.join(missing_s)}" if missing_s else ""] if x)
+                                                   or "nothing beyond the settings named per length") + ".", ""]
     if tolerable:
         feats = ["kv", "gates", "act"]
         lines += ["## Sparsity within 5 points of dense (mean over the tasks of each length)", "",
