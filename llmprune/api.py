@@ -18,6 +18,7 @@ from torch import nn
 
 from llmprune.calibration.data import check_calib_source, clip_seqlen, load_calibration_resolved
 from llmprune.config import PruneConfig, Recipe, RecoveryConfig
+from llmprune.config.recipe import check_sequential
 from llmprune.engine.layerwise import capture_inputs, default_compute_dtype, prune_layerwise
 from llmprune.engine.preflight import check_model_finite, preflight, recipe_needs_calibration
 from llmprune.engine.run import model_is_path
@@ -98,9 +99,7 @@ def prune(
     if recover is not None and calib is None:
         raise ConfigError("recovery needs calibration data")
     block = recover if recover is not None and recover.mode == "block" else None
-    if block is not None and sequential == "module":
-        raise ConfigError("sequential='module' cannot be combined with block recovery, which reconstructs each "
-                          "layer against the dense layer's outputs (use 'layer' or 'auto')")
+    check_sequential(sequential, recover)
     teacher = copy.deepcopy(model) if recover is not None and recover.mode == "e2e" else None
     dev = resolve_device(device)
     report = PruneReport()
@@ -127,9 +126,8 @@ def prune(
             inputs = capture_inputs(model, calib, dev, batch_size, compute) if method.stats or block else None
             order = "layer"
             if method.stats:
-                element = torch.empty((), dtype=compute or next(model.parameters()).dtype).element_size()
                 order = resolve_sequential(sequential, recover=block, tokens=calib.numel(), model_config=model.config,
-                                           element_size=element, device=dev)
+                                           dtype=compute or next(model.parameters()).dtype, device=dev)
                 report.sequential = order
             report.modules.extend(
                 prune_layerwise(

@@ -11,6 +11,18 @@ from llmprune.config.runtime import RuntimeConfig
 from llmprune.errors import ConfigError
 
 
+def check_sequential(sequential: str, recover: RecoveryConfig | None) -> None:
+    """The calibration order ``sequential`` works with the recovery stage ``recover``.
+
+    Raises:
+        ConfigError: ``module`` with block recovery, which reconstructs each layer against the dense layer's
+            outputs (the one-pass order never computes them).
+    """
+    if sequential == "module" and recover is not None and recover.mode == "block":
+        raise ConfigError("calibration.sequential 'module' cannot be combined with block recovery, which "
+                          "reconstructs each layer against the dense layer's outputs (use 'layer' or 'auto')")
+
+
 @dataclass
 class Recipe:
     """A full compression recipe: ordered prune stages + calibration + save + runtime (+ recovery)."""
@@ -30,9 +42,7 @@ class Recipe:
         Raises:
             ConfigError: one line naming the conflict.
         """
-        if self.calibration.sequential == "module" and self.recover is not None and self.recover.mode == "block":
-            raise ConfigError("calibration.sequential 'module' cannot be combined with block recovery, which "
-                              "reconstructs each layer against the dense layer's outputs (use 'layer' or 'auto')")
+        check_sequential(self.calibration.sequential, self.recover)
 
     def to_dict(self) -> dict[str, Any]:
         out = {

@@ -22,6 +22,7 @@ from llmprune.calibration.distributed import Reduction
 from llmprune.calibration.stats import Accumulators
 from llmprune.config import PruneConfig, RecoveryConfig
 from llmprune.engine.onepass import prune_layer_one_pass
+from llmprune.engine.sequential import uses_one_pass
 from llmprune.engine.step import prune_layer
 from llmprune.model.access import decoder_layers, decoder_layers_path
 from llmprune.model.device import module_device
@@ -131,7 +132,7 @@ def prune_layerwise(
         inputs.hidden = [_cast_floats(h, compute_dtype) for h in inputs.hidden]
         inputs.args = [_cast_floats(a, compute_dtype) for a in inputs.args]
         inputs.kwargs = [_cast_floats(k, compute_dtype) for k in inputs.kwargs]
-    one_pass = sequential == "module" and bool(method.stats) and recover is None
+    one_pass = uses_one_pass(sequential, method, recover)
     bar = tqdm(range(len(layers)), desc=f"{method.name} {config.sparsity}", unit="layer", disable=not progress)
     for idx in bar:
         layer = layers[idx]

@@ -15,10 +15,15 @@ from torch import nn
 
 from llmprune.config import Recipe
 from llmprune.engine.activations import check_activation_memory
-from llmprune.engine.run import hidden_size
 from llmprune.engine.step import check_finite, check_stages
 from llmprune.formats.checkpoint import read_metadata
-from llmprune.model.access import decoder_layers, decoder_layers_path, linear_modules, matches_any
+from llmprune.model.access import (
+    decoder_layers,
+    decoder_layers_path,
+    hidden_size,
+    linear_modules,
+    matches_any,
+)
 from llmprune.model.loading import parse_dtype
 from llmprune.prune.registry import method_for_config
 

@@ -36,7 +36,7 @@ from llmprune.engine.plan import (
     to_meta,
 )
 from llmprune.engine.resume import RunState, commit, fingerprint, relative_source, start_or_resume
-from llmprune.engine.sequential import resolve_sequential
+from llmprune.engine.sequential import resolve_sequential, uses_one_pass
 from llmprune.engine.source import SafetensorsSource
 from llmprune.engine.step import check_stages, prune_layer
 from llmprune.engine.workdir import (
@@ -51,7 +51,7 @@ from llmprune.errors import ConfigError, LlmpruneError
 from llmprune.formats.checkpoint import METADATA_FILE, move_into_place, read_metadata
 from llmprune.formats.metadata import build_metadata
 from llmprune.formats.shards import ShardWriter
-from llmprune.model.access import DEFAULT_IGNORE, decoder_layers, matches_any
+from llmprune.model.access import DEFAULT_IGNORE, decoder_layers, hidden_size, matches_any
 from llmprune.model.loading import ALIASES, load_tokenizer
 from llmprune.prune.registry import method_for_config
 from llmprune.prune.report import CompressResult, PruneReport
@@ -64,15 +64,6 @@ def model_is_path(ref: str | os.PathLike | None) -> bool:
     """Whether a model reference names a local directory (not an alias or a Hub id), as resolved by
     :func:`llmprune.model.loading.resolve_model` (aliases first)."""
     return ref is not None and str(ref).lower() not in ALIASES and Path(ref).expanduser().exists()
-
-
-def hidden_size(config) -> int | None:
-    """Width of the hidden states between decoder layers, from a ``transformers`` config."""
-    for name in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 class StreamingRun(CalibrationPhase):
@@ -182,11 +173,10 @@ class StreamingRun(CalibrationPhase):
             requested = "layer"
         order = requested
         if self.method.stats and requested == "auto":
-            compute = compute_dtype_for(self.dtype, self.device) or self.dtype
             allowed = self.store.mode != "disk" and self.n_batches >= self.ctx.world
             order = resolve_sequential(requested, recover=self.recover, tokens=calib.numel() // self.ctx.world,
                                        model_config=self.plan.config, device=self.device, allowed=allowed,
-                                       element_size=torch.empty((), dtype=compute).element_size())
+                                       dtype=compute_dtype_for(self.dtype, self.device) or self.dtype)
         order = broadcast_object(order, self.ctx)
         self.calib_cfg = dataclasses.replace(self.calib_cfg, sequential=order)
 
@@ -232,8 +222,7 @@ class StreamingRun(CalibrationPhase):
         all_reduce = make_all_reduce(ctx)
         compute = compute_dtype_for(self.dtype, self.device)
         t_run = time.perf_counter()
-        one_pass = (bool(self.method.stats) and self.recover is None and self.calib_cfg is not None
-                    and self.calib_cfg.sequential == "module")
+        one_pass = self.calib_cfg is not None and uses_one_pass(self.calib_cfg.sequential, self.method, self.recover)
         bar = tqdm(range(start, n_layers), desc=f"{self.method.name} {self.stage.sparsity}", unit="layer",
                    disable=not progress or not ctx.is_main, initial=start, total=n_layers)
         for idx in bar:

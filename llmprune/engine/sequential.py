@@ -20,6 +20,8 @@ import torch
 from llmprune.config import CalibConfig, RecoveryConfig
 from llmprune.engine.activations import RAM_SHARE, available_ram
 from llmprune.errors import ConfigError
+from llmprune.model.access import hidden_size
+from llmprune.prune.registry import Method
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +29,18 @@ log = logging.getLogger(__name__)
 DEVICE_SHARE = 0.5
 
 
-def inflight_bytes(model_config, tokens: int, element_size: int) -> int:
-    """Activations alive at once in a one-pass layer, for ``tokens`` calibration tokens (estimate).
+def inflight_bytes(model_config, tokens: int, dtype: torch.dtype) -> int:
+    """Activations alive at once in a one-pass layer, for ``tokens`` calibration tokens of ``dtype`` (estimate).
 
     A batch paused before ``down_proj`` holds the residual stream, the MLP input and the MLP's inner
     activation; one paused before ``o_proj`` holds q, k, v and the attention output. The larger of the two,
     plus the layer's output, per token.
     """
-    hidden = next((v for n in ("hidden_size", "n_embd", "d_model")
-                   if isinstance(v := getattr(model_config, n, None), int) and v > 0), 0)
+    hidden = hidden_size(model_config) or 0
     inner = next((v for n in ("intermediate_size", "ffn_dim", "n_inner")
                   if isinstance(v := getattr(model_config, n, None), int) and v > 0), 4 * hidden)
     per_token = max(2 * hidden + inner, 4 * hidden) + hidden
-    return tokens * per_token * element_size
+    return tokens * per_token * torch.empty((), dtype=dtype).element_size()
 
 
 def memory_for(device: torch.device) -> int:
@@ -51,7 +52,7 @@ def memory_for(device: torch.device) -> int:
 
 
 def resolve_sequential(requested: str, *, recover: RecoveryConfig | None, tokens: int, model_config,
-                       element_size: int, device: torch.device, allowed: bool = True) -> str:
+                       dtype: torch.dtype, device: torch.device, allowed: bool = True) -> str:
     """``requested`` (a :attr:`CalibConfig.sequential` value) with ``auto`` resolved to ``module`` or ``layer``.
 
     Args:
@@ -59,7 +60,7 @@ def resolve_sequential(requested: str, *, recover: RecoveryConfig | None, tokens
         recover: the recovery stage; block recovery needs the dense layer's outputs, so the ``layer`` order.
         tokens: calibration tokens of this process.
         model_config: the model's ``transformers`` config (sizes for :func:`inflight_bytes`).
-        element_size: bytes per activation element (the compute dtype's).
+        dtype: the dtype the layers compute in.
         device: where the layers run.
         allowed: False where the run cannot take the one-pass order (activations stored on disk, a process
             without calibration batches).
@@ -68,13 +69,18 @@ def resolve_sequential(requested: str, *, recover: RecoveryConfig | None, tokens
         raise ConfigError(f"sequential must be one of {', '.join(CalibConfig.SEQUENTIAL)}, got {requested!r}")
     if requested != "auto":
         return requested
-    if recover is not None and recover.mode == "block":
+    if (recover is not None and recover.mode == "block") or not allowed:
         return "layer"
-    if not allowed:
-        return "layer"
-    need, have = inflight_bytes(model_config, tokens, element_size), memory_for(device)
+    need, have = inflight_bytes(model_config, tokens, dtype), memory_for(device)
     if need > have:
         log.info("calibration: the one-pass (module) order needs ~%.1f GiB of activations, %.1f GiB are "
                  "available: using the two-pass (layer) order", need / 2**30, have / 2**30)
         return "layer"
     return "module"
+
+
+def uses_one_pass(sequential: str, method: Method, recover: RecoveryConfig | None) -> bool:
+    """Whether a layer loop runs ``method`` in one pass per layer (:mod:`llmprune.engine.onepass`): the resolved
+    order is ``module``, the method has statistics (data-free methods need one pass anyway) and no block
+    recovery runs (it needs the dense layer's outputs)."""
+    return sequential == "module" and bool(method.stats) and recover is None

@@ -151,3 +151,12 @@ def output_cache(out):
     """The KV cache a forward returned (``out.cache`` or ``out.past_key_values``, by transformers version)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def hidden_size(config) -> int | None:
+    """Width of the hidden states between decoder layers, from a ``transformers`` config."""
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

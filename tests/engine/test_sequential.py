@@ -21,14 +21,14 @@ LLAMA = SimpleNamespace(hidden_size=64, intermediate_size=160)
 
 def test_inflight_bytes_by_hand():
     # per token: max(2*64 + 160, 4*64) + 64 = 352 elements
-    assert seq.inflight_bytes(LLAMA, tokens=10, element_size=4) == 10 * 352 * 4
+    assert seq.inflight_bytes(LLAMA, tokens=10, dtype=torch.float32) == 10 * 352 * 4
     # OPT names: d_model / ffn_dim
-    assert seq.inflight_bytes(SimpleNamespace(d_model=8, ffn_dim=4), tokens=1, element_size=2) == (32 + 8) * 2
+    assert seq.inflight_bytes(SimpleNamespace(d_model=8, ffn_dim=4), tokens=1, dtype=torch.bfloat16) == (32 + 8) * 2
 
 
 def test_resolution(monkeypatch):
     monkeypatch.setattr(seq, "memory_for", lambda device: 10 * 352 * 4)
-    kw = dict(tokens=10, model_config=LLAMA, element_size=4, device=CPU)
+    kw = dict(tokens=10, model_config=LLAMA, dtype=torch.float32, device=CPU)
     assert seq.resolve_sequential("auto", recover=None, **kw) == "module"
     assert seq.resolve_sequential("auto", recover=None, **{**kw, "tokens": 11}) == "layer"  # does not fit
     assert seq.resolve_sequential("auto", recover=RecoveryConfig(mode="block"), **kw) == "layer"
@@ -62,13 +62,19 @@ def test_report_says_the_order_and_magnitude_needs_none():
                           progress=False).sequential is None
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_compress_records_the_resolved_order(tmp_path, low_memory):
+def _model_and_calib(tmp_path, layers: int):
+    """A saved tiny Llama with ``layers`` decoder layers and a calibration text file."""
     src = tmp_path / "model"
-    tiny_llama(num_hidden_layers=2).save_pretrained(src)
+    tiny_llama(num_hidden_layers=layers).save_pretrained(src)
     tiny_tokenizer().save_pretrained(src)
     calib = tmp_path / "calib.txt"
     calib.write_text(tiny_text(3000))
+    return src, calib
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_compress_records_the_resolved_order(tmp_path, low_memory):
+    src, calib = _model_and_calib(tmp_path, layers=2)
     recipe = Recipe(stages=[llmprune.WandaConfig()], calibration=CalibConfig(source=str(calib), nsamples=4, seqlen=16))
     res = llmprune.compress(str(src), recipe, tmp_path / "out", device="cpu", progress=False, low_memory=low_memory)
     meta = json.loads((res.output / "llmprune.json").read_text())
@@ -77,11 +83,7 @@ def test_compress_records_the_resolved_order(tmp_path, low_memory):
 
 
 def test_cli_flag(tmp_path, capsys):
-    src = tmp_path / "model"
-    tiny_llama(num_hidden_layers=1).save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(tiny_text(3000))
+    src, calib = _model_and_calib(tmp_path, layers=1)
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "compress", src, "--calib", calib, "--nsamples", 2, "--seqlen", 16, "--device",
                            "cpu", "--sequential", "layer", "--output", out)
