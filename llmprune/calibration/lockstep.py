@@ -53,8 +53,11 @@ class Lockstep(Generic[T]):
                  on_module: Callable[[str], None], device: torch.device | None = None) -> None:
         self.modules, self.batches, self.on_module = modules, list(batches), on_module
         self.device = device
-        self._cv = threading.Condition()
-        self._turn = _MAIN
+        self._lock = threading.Lock()
+        # one wake-up signal per party (each batch, then the caller), so passing the baton wakes only the thread
+        # that takes it: a shared condition woke every paused worker at every hand-over, and with many batches
+        # the wake-ups of the others left the one that had the turn waiting for the interpreter lock
+        self._wake = [threading.Event() for _ in range(len(self.batches) + 1)]
         self._abort = False
         self._local = threading.local()
         self._at: list[str | None] = [None] * len(self.batches)  # the module each paused worker waits before
@@ -99,36 +102,37 @@ class Lockstep(Generic[T]):
                 self.on_module(waiting.pop())
                 self._pass_to(0)
         finally:
-            with self._cv:
+            with self._lock:
                 self._abort = True
-                self._cv.notify_all()
+            for wake in self._wake:
+                wake.set()
             for w in workers:
                 w.join()
             for h in handles:
                 h.remove()
         return list(self._results)  # type: ignore[arg-type]
 
-    # The baton: ``_turn`` names the one party allowed to run (a batch index, or the caller).
+    # The baton: only the party holding it runs (a batch index, or the caller, ``_MAIN``: the last signal); it
+    # hands it on by setting the next party's signal, then waits on its own.
 
     def _pass_to(self, who: int) -> None:
-        with self._cv:
-            self._turn = who
-            self._cv.notify_all()
+        self._wake[who].set()
 
     def _wait_for_main(self) -> None:
-        with self._cv:
-            while self._turn != _MAIN:
-                self._cv.wait(timeout=0.5)  # a timeout so the caller's thread still sees KeyboardInterrupt
+        wake = self._wake[_MAIN]
+        while not wake.wait(timeout=0.5):  # a timeout so the caller's thread still sees KeyboardInterrupt
+            pass
+        wake.clear()  # before the caller passes the baton on, so the next signal to it is never lost
 
     def _next_after(self, b: int) -> int:
         return b + 1 if b + 1 < len(self.batches) else _MAIN
 
     def _wait_turn(self, b: int) -> None:
-        with self._cv:
-            while self._turn != b and not self._abort:
-                self._cv.wait()
-            if self._abort:
-                raise _Aborted
+        wake = self._wake[b]
+        wake.wait()
+        wake.clear()  # before this worker passes the baton on, so the next signal to it is never lost
+        if self._abort:
+            raise _Aborted
 
     def _hook(self, name: str):
         def hook(module, args):  # runs on a worker thread; must return None
@@ -156,8 +160,7 @@ class Lockstep(Generic[T]):
         except _Aborted:
             return
         except BaseException as exc:  # handed to the caller, which raises it
-            with self._cv:
+            with self._lock:
                 if self._error is None:
                     self._error = exc
-                self._turn = _MAIN
-                self._cv.notify_all()
+            self._pass_to(_MAIN)
