@@ -40,6 +40,22 @@ def test_nm_mask_exact():
     assert torch.equal(nm_mask(score, 1, 4), torch.tensor([[True, False, False, False, False, True, False, False]]))
 
 
+def test_nm_mask_ties_keep_the_earlier_columns():
+    score = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 2.0, 0.0, 3.0, 1.0, 3.0, 3.0]])
+    expected = torch.tensor([[True, True, False, False, False, True, True, False, True, False, True, False]])
+    assert torch.equal(nm_mask(score, 2, 4), expected)
+    flat = torch.ones(1, 16)  # the sorting path (M above the pairwise limit) follows the same rule
+    assert torch.equal(nm_mask(flat, 3, 16), torch.arange(16).lt(3).unsqueeze(0))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 2), (3, 8), (5, 16)])
+def test_nm_mask_is_the_top_n_of_each_group(n, m):
+    score = torch.randn(13, 5 * m)  # distinct values: the top n of a group are unambiguous
+    top = torch.topk(score.reshape(13, 5, m), n, dim=-1).indices
+    expected = torch.zeros(13, 5, m, dtype=torch.bool).scatter_(-1, top, True).reshape(13, -1)
+    assert torch.equal(nm_mask(score, n, m), expected)
+
+
 def test_nm_mask_rejects_bad_width():
     with pytest.raises(ValueError, match="multiple of M=4"):
         nm_mask(torch.rand(2, 6), 2, 4)

@@ -52,3 +52,12 @@ def test_clip_seqlen_to_model_context():
     assert clip_seqlen(cfg, SimpleNamespace(max_position_embeddings=256)).seqlen == 256
     assert clip_seqlen(cfg, SimpleNamespace(max_position_embeddings=8192)) is cfg
     assert clip_seqlen(cfg, SimpleNamespace()) is cfg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_act_sq_norm_term_in_row_blocks_matches_the_whole_sum(dtype):
+    x = (torch.randn(3, 700, 300) * torch.rand(300) * 10).to(dtype)  # 2100 rows: several row blocks of 218
+    term, count = ActSqNorm.term(x)
+    ref = x.float().reshape(-1, 300).pow(2).sum(0)
+    assert count == 2100 and term.dtype == torch.float32
+    assert ((term - ref).norm() / ref.norm()).item() < 1e-6
