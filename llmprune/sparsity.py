@@ -168,9 +168,6 @@ def tensor_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the ``n`` highest scores of every ``m`` consecutive columns.
 
-    Equal scores are ordered by column: of two equal scores the earlier column ranks higher, so the mask is
-    the same on every device and torch version (``topk`` leaves ties unspecified).
-
     Args:
         score: ``[out, in]`` importance; ``in`` must be a multiple of ``m``.
 
@@ -185,25 +182,14 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = score.shape[-2], score.shape[-1]
     if cols % m:
         raise ValueError(f"input dim {cols} is not a multiple of M={m}; cannot apply {n}:{m} sparsity")
+    # topk, not a faster pairwise ranking with a fixed tie rule: quantized weights tie often (6% of magnitude 2:4
+    # mask entries on SmolLM2), and "the earlier column wins" drops the same positions of every tied group, which
+    # cost magnitude 2:4 +30% perplexity there (2639 -> 3439, 20 windows)
     groups = score.reshape(rows, cols // m, m)
-    if m > _PAIRWISE_MAX_M:
-        order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
-        mask = torch.zeros_like(groups, dtype=torch.bool)
-        mask.scatter_(-1, order, True)
-        return mask.view(rows, cols)
-    # Rank by pairwise comparison: entry i is kept when fewer than n entries of its group rank above it. For
-    # small m these m(m-1)/2 elementwise comparisons are ~3x faster than topk + scatter on the CPU.
-    vals = [v.contiguous() for v in groups.unbind(-1)]
-    above = [torch.zeros(rows, cols // m, dtype=torch.uint8, device=score.device) for _ in range(m)]
-    for i in range(m):
-        for j in range(i + 1, m):
-            j_first = vals[j] > vals[i]  # ties rank the earlier column (i) first
-            above[i] += j_first
-            above[j] += j_first.logical_not_()
-    return torch.stack(above, -1).lt_(n).view(rows, cols)
-
-
-_PAIRWISE_MAX_M = 8  # beyond it the m(m-1)/2 comparisons cost more than one sort
+    idx = torch.topk(groups, n, dim=-1, largest=True).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, idx, True)
+    return mask.view(rows, cols)
 
 
 def select_mask(score: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:

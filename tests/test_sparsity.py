@@ -40,14 +40,6 @@ def test_nm_mask_exact():
     assert torch.equal(nm_mask(score, 1, 4), torch.tensor([[True, False, False, False, False, True, False, False]]))
 
 
-def test_nm_mask_ties_keep_the_earlier_columns():
-    score = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 2.0, 0.0, 3.0, 1.0, 3.0, 3.0]])
-    expected = torch.tensor([[True, True, False, False, False, True, True, False, True, False, True, False]])
-    assert torch.equal(nm_mask(score, 2, 4), expected)
-    flat = torch.ones(1, 16)  # the sorting path (M above the pairwise limit) follows the same rule
-    assert torch.equal(nm_mask(flat, 3, 16), torch.arange(16).lt(3).unsqueeze(0))
-
-
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 2), (3, 8), (5, 16)])
 def test_nm_mask_is_the_top_n_of_each_group(n, m):
     score = torch.randn(13, 5 * m)  # distinct values: the top n of a group are unambiguous
