@@ -86,7 +86,7 @@ def prune(
         progress: progress bars over layers.
         recover: recovery that keeps the pattern (:mod:`llmprune.recover`): ``mode="block"`` reconstructs
             each pruned decoder block against the dense one inside the layer loop, ``mode="e2e"`` distills
-            the pruned model from a copy of the dense one afterwards; None: none.
+            the pruned model from a copy of the dense one afterwards, ``mode="block+e2e"`` does both; None: none.
         sequential: which inputs each decoder layer's statistics see (:attr:`CalibConfig.sequential`):
             ``"module"`` (one pass per layer), ``"layer"`` (the dense layer, two passes) or ``"auto"``
             (:func:`~llmprune.engine.sequential.resolve_sequential`); the order used is ``report.sequential``.
@@ -98,9 +98,10 @@ def prune(
     check_recovery(recover, stages, [method_for_config(s).kind for s in stages])
     if recover is not None and calib is None:
         raise ConfigError("recovery needs calibration data")
-    block = recover if recover is not None and recover.mode == "block" else None
+    block = recover.block if recover is not None else None
     check_sequential(sequential, recover)
-    teacher = copy.deepcopy(model) if recover is not None and recover.mode == "e2e" else None
+    e2e = recover.e2e if recover is not None else None
+    teacher = copy.deepcopy(model) if e2e is not None else None  # the dense model, before any pruning
     dev = resolve_device(device)
     report = PruneReport()
     t0 = time.perf_counter()
@@ -145,7 +146,7 @@ def prune(
             )
             del inputs
         if teacher is not None:
-            report.distill = distill(model, teacher, calib, recover, device=dev, batch_size=batch_size,
+            report.distill = distill(model, teacher, calib, e2e, device=dev, batch_size=batch_size,
                                      progress=progress)
     finally:
         model.train(was_training)

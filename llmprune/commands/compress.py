@@ -53,9 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --act-sparsity: uniform (default) or greedy (TEAL block-wise) allocation")
     p.add_argument("--recover-steps", type=int, default=None,
                    help="with --recover: Adam steps per block part / in total (default 128); cfsp: LoRA recovery steps")
-    p.add_argument("--recover", default=None, choices=("block", "e2e", "none"),
+    p.add_argument("--recover", default=None, choices=("block", "e2e", "block+e2e", "none"),
                    help="recovery that keeps the sparsity pattern: block (reconstruct each pruned decoder block against "
-                        "the dense one) or e2e (distil the whole model from the dense one); none drops a recipe's")
+                        "the dense one), e2e (distil the whole model from the dense one) or block+e2e (both, in that "
+                        "order); none drops a recipe's")
     p.add_argument("--recover-scope", default=None, choices=("separate", "whole"),
                    help="--recover block: attention then MLP (separate, default) or the whole block at once")
     p.add_argument("--recover-mask", default=None, choices=("fixed", "learn"),
@@ -64,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--recover block: plain MSE (default) or per-token relative error (token: each token's squared "
                         "error over the dense token's squared norm, so attention-sink tokens do not dominate)")
     p.add_argument("--recover-lr", type=float, default=None, help="--recover: peak Adam learning rate (default: block 2e-3, e2e 2e-4)")
+    p.add_argument("--recover-distill-steps", type=int, default=None,
+                   help="--recover block+e2e: the distillation's Adam steps (default: --recover-steps)")
+    p.add_argument("--recover-distill-lr", type=float, default=None,
+                   help="--recover block+e2e: the distillation's peak learning rate (default 2e-4)")
     p.add_argument("--recover-batch-size", type=int, default=None, help="--recover: sequences per step (default 1)")
     p.add_argument("--output", "-o", default=None, help="output directory (default ./<model>-<method>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -123,7 +128,8 @@ def _stage_flags(args: argparse.Namespace, method=None) -> dict:
 
 
 _RECOVER_FLAGS = {"recover_scope": "scope", "recover_mask": "mask", "recover_lr": "lr",
-                  "recover_batch_size": "batch_size", "recover_loss": "loss"}
+                  "recover_batch_size": "batch_size", "recover_loss": "loss",
+                  "recover_distill_steps": "distill_steps", "recover_distill_lr": "distill_lr"}
 
 
 def _recovery_from_args(args: argparse.Namespace, current):
@@ -138,7 +144,7 @@ def _recovery_from_args(args: argparse.Namespace, current):
     if mode == "none" or (mode is None and current is None):
         if given:
             raise ConfigError(f"--{next(iter(k for k in _RECOVER_FLAGS if getattr(args, k, None) is not None)).replace('_', '-')} "
-                              "needs --recover block|e2e (or a recipe's recover: section)")
+                              "needs --recover block|e2e|block+e2e (or a recipe's recover: section)")
         return None
     fields = {**(current.to_dict() if current is not None else {}), **given}
     if mode is not None:

@@ -18,7 +18,7 @@ def check_sequential(sequential: str, recover: RecoveryConfig | None) -> None:
         ConfigError: ``module`` with block recovery, which reconstructs each layer against the dense layer's
             outputs (the one-pass order never computes them).
     """
-    if sequential == "module" and recover is not None and recover.mode == "block":
+    if sequential == "module" and recover is not None and recover.block is not None:
         raise ConfigError("calibration.sequential 'module' cannot be combined with block recovery, which "
                           "reconstructs each layer against the dense layer's outputs (use 'layer' or 'auto')")
 

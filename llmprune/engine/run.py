@@ -81,7 +81,7 @@ class StreamingRun(CalibrationPhase):
         self.stage = recipe.stages[0]
         self.method = method_for_config(self.stage)
         rec = recipe.recover
-        self.recover = rec if rec is not None and rec.mode == "block" else None  # block recovery per layer
+        self.recover = rec.block if rec is not None else None  # block recovery per layer
         self.needs_calibration = self.method.needs_calibration or self.recover is not None
         self.patterns = DEFAULT_IGNORE + tuple(self.stage.ignore)
         self.src = SafetensorsSource(path)

@@ -69,7 +69,7 @@ def resolve_sequential(requested: str, *, recover: RecoveryConfig | None, tokens
         raise ConfigError(f"sequential must be one of {', '.join(CalibConfig.SEQUENTIAL)}, got {requested!r}")
     if requested != "auto":
         return requested
-    if (recover is not None and recover.mode == "block") or not allowed:
+    if (recover is not None and recover.block is not None) or not allowed:
         return "layer"
     need, have = inflight_bytes(model_config, tokens, dtype), memory_for(device)
     if need > have:

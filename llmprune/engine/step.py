@@ -219,7 +219,7 @@ def prune_layer(
     check_finite(targets, lambda name: f"{prefix}.{idx}.{name}")
     stats: Accumulators = {}
     t0 = time.perf_counter()
-    recovering = recover is not None and recover.mode == "block"
+    recovering = recover is not None and recover.block is not None
     with record_dense(layer, find_attn(layer)) if recovering else nullcontext([]) as dense:
         if method.stats:
             stats = new_accumulators(method, targets, device)

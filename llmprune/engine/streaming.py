@@ -124,8 +124,8 @@ def unsupported_reason(recipe: Recipe) -> str | None:
         return f"method {method.name!r} is a whole-model method"
     if recipe.save.format != "dense":
         return f"format {recipe.save.format!r} needs the whole model in memory"
-    if recipe.recover is not None and recipe.recover.mode == "e2e":
-        return "end-to-end recovery (recover e2e) needs the whole model in memory"
+    if recipe.recover is not None and recipe.recover.e2e is not None:
+        return f"end-to-end recovery (recover {recipe.recover.mode}) needs the whole model in memory"
     if recipe.save.dtype != "auto":
         return "save.dtype other than auto needs the in-memory path (stream with --dtype instead)"
     return None

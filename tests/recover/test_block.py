@@ -220,6 +220,42 @@ def test_e2e_distillation_keeps_zeros_and_lowers_loss():
     assert all(p.requires_grad for p in model.parameters()) and not model.training
 
 
+def test_block_then_e2e_is_block_recovery_then_the_distillation():
+    from llmprune.recover.distill import distill
+
+    calib = torch.randint(3, 64, (4, 16))
+    torch.manual_seed(0)
+    base = tiny_llama()
+    chained, stepwise, teacher = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    both = RecoveryConfig(mode="block+e2e", steps=3, distill_steps=4, distill_lr=1e-3, batch_size=2)
+    assert both.block is both and both.peak_lr == 2e-3  # the block part keeps block's default lr
+    assert both.e2e == RecoveryConfig(mode="e2e", steps=4, lr=1e-3, batch_size=2)
+    rep = llmprune.prune(chained, llmprune.WandaConfig(sparsity="2:4"), calib, device="cpu", batch_size=2,
+                         progress=False, recover=both)
+    ref = llmprune.prune(stepwise, llmprune.WandaConfig(sparsity="2:4"), calib, device="cpu", batch_size=2,
+                         progress=False, recover=RecoveryConfig(mode="block", steps=3, batch_size=2))
+    assert ref.distill is None and rep.recovery() == ref.recovery()  # the same block part
+    d = distill(stepwise, teacher, calib, both.e2e, device=torch.device("cpu"))
+    assert rep.distill["steps"] == 4 and rep.distill["loss_before"] == d["loss_before"]
+    assert rep.distill["loss_after"] == d["loss_after"] < d["loss_before"]
+    for (name, a), (_, b) in zip(chained.named_modules(), stepwise.named_modules()):
+        if isinstance(a, nn.Linear):
+            assert torch.equal(a.weight, b.weight), name
+            if ".layers." in name:
+                assert check_nm(a.weight != 0, 2, 4), name
+
+
+def test_distill_options_belong_to_block_then_e2e():
+    assert RecoveryConfig(mode="block+e2e").e2e.steps == 128 and RecoveryConfig(mode="block+e2e").e2e.peak_lr == 2e-4
+    assert RecoveryConfig(mode="block").e2e is None and RecoveryConfig(mode="e2e").block is None
+    with pytest.raises(ConfigError, match="distill_steps"):
+        RecoveryConfig(mode="e2e", distill_steps=10)
+    with pytest.raises(ConfigError, match="recover.distill_lr"):
+        RecoveryConfig(mode="block+e2e", distill_lr=0.0)
+    learned = RecoveryConfig(mode="block+e2e", mask="learn")  # the mask learned per block, then held fixed
+    assert learned.block.mask == "learn" and learned.e2e.mask == "fixed"
+
+
 @pytest.mark.parametrize("sparsity", ["2:4", 0.5])
 def test_save_time_check_refuses_filled_zeros(sparsity):
     from llmprune.engine.step import PruneIntegrityError, verify_model

@@ -89,3 +89,21 @@ def test_cli_flags_recipe_key_and_packed(tmp_path, capsys, model_dir, tiny_calib
     with pytest.raises(ConfigError, match="recover.mode"):
         recipe_from_dict({"prune": [{"method": "wanda"}], "recover": {"mode": "lora"}})
     assert "recover" not in Recipe(stages=[llmprune.WandaConfig()]).to_dict()
+
+
+def test_cli_block_then_e2e(tmp_path, capsys, model_dir, tiny_calib_file):
+    out = tmp_path / "both"
+    code, stdout, _ = run_cli(capsys, "compress", str(model_dir), "--method", "wanda", "--sparsity", "2:4",
+                              "--calib", str(tiny_calib_file), "--nsamples", "4", "--seqlen", "16", "--device", "cpu",
+                              "--recover", "block+e2e", "--recover-steps", "2", "--recover-distill-steps", "3",
+                              "--recover-distill-lr", "1e-3", "-o", str(out), "-q")
+    assert code == 0, stdout
+    meta = json.loads((out / "llmprune.json").read_text())
+    rec = meta["recipe"]["recover"]
+    assert (rec["mode"], rec["steps"], rec["distill_steps"], rec["distill_lr"]) == ("block+e2e", 2, 3, 1e-3)
+    assert meta["recovery"]["e2e"]["steps"] == 3 and {"layer", "attn", "mlp"} == set(meta["recovery"]["blocks"][0])
+    card = build_card(out)
+    assert "End-to-end distillation from the dense model: 3 steps" in card and "Block-wise reconstruction" in card
+    code, _, err = run_cli(capsys, "compress", str(model_dir), "--recover", "e2e", "--recover-distill-steps", "3",
+                           "-o", str(tmp_path / "z"))
+    assert code == 2 and "distill_steps" in err and not (tmp_path / "z").exists()
