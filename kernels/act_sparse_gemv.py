@@ -18,8 +18,14 @@ traffic in the loop). With ``SPLIT_K > 1`` (when the output tiles alone would le
 split across programs; each stores an fp32 partial and bumps its tile's arrival counter, and the last to arrive
 adds the others, the bias, casts and stores (:func:`kernels._device.arrival_counters`, as the 2:4 kernel).
 
-:func:`act_sparse_config` is the launcher's config as a pure function; :func:`check_config` refuses configs the
-kernel cannot take. Choosing this kernel over ``F.linear`` (prefill, large ``M``) is the caller's decision
+One row (``M = 1``, the decode case) runs on 2-d ``[BLOCK_K, BLOCK_N]`` tiles in the weight load's own layout
+(no layout conversion between the pipelined load and the FMAs: the weights leave shared memory as 16-byte vectors),
+with 32-bit row offsets when ``wt`` has fewer than 2**31 elements, and in bf16 reads ``wt`` as int32 words of two
+columns, each widened to fp32 by one shift or one mask: on sm_90 a 32 x 256 step is 348 SASS instructions, the
+3-d tile of ``M > 1`` needs ~490 (``eval/results/kernel_report.md``).
+
+:func:`act_sparse_config` (in ``_act_sparse_config``) is the launcher's config as a pure function;
+:func:`check_config` refuses configs the kernel cannot take. Choosing this kernel over ``F.linear`` (prefill, large ``M``) is the caller's decision
 (:mod:`llmprune.runtime.kernel_policy`).
 """
 
@@ -31,10 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._act_sparse_config import CONFIG_KEYS, MAX_ROWS, act_sparse_config, check_config  # noqa: F401
 from ._device import arrival_counters, device_info
-
-#: Most input rows the launcher takes (the partial-product tile holds every row).
-MAX_ROWS = 8
 
 
 @triton.jit
@@ -67,12 +71,82 @@ def _act_sparse_step(acc, x_rows, wt_ptr, k0, k_end, threshold, offs_n, n_ok, st
 
 
 @triton.jit
+def _rows(ks, WIDE: tl.constexpr):
+    """``ks [BLOCK_K]`` as a column of row indices, int64 when ``WIDE``."""
+    if WIDE:
+        r = ks[:, None].to(tl.int64)
+    else:
+        r = ks[:, None]
+    return r
+
+
+@triton.jit
+def _row_step(acc_lo, acc_hi, x_ptrs, w_ptrs, ks, k_end, threshold, cols_ok,
+              MASKED: tl.constexpr, PAIRS: tl.constexpr):
+    """One ``BLOCK_K``-input step of one row (``M = 1``) on 2-d ``[BLOCK_K, columns]`` tiles.
+
+    The tiles, the ``x`` slice and the weight load share one layout: a thread holds whole 16-byte runs of its
+    weight rows and only the inputs of those rows, so the pipelined weights leave shared memory as vectors and
+    each input is thresholded once per thread, not once per element. ``PAIRS`` (bf16): ``w_ptrs`` address
+    int32 words of two adjacent bf16 columns, widened by one shift / one mask each (a bf16 is the top half of
+    its fp32), accumulated in ``acc_lo`` (even columns) and ``acc_hi`` (odd); otherwise ``acc_hi`` is unused.
+    """
+    if MASKED:
+        k_ok = ks < k_end
+        xs = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        keep = (tl.abs(xs) >= threshold) & k_ok
+    else:
+        xs = tl.load(x_ptrs).to(tl.float32)
+        keep = tl.abs(xs) >= threshold
+    w = tl.load(w_ptrs, mask=keep[:, None] & cols_ok[None, :], other=0)
+    xk = tl.where(keep, xs, 0.0)[:, None]
+    if PAIRS:
+        acc_lo += xk * (w << 16).to(tl.float32, bitcast=True)
+        acc_hi += xk * (w & -65536).to(tl.float32, bitcast=True)
+    else:
+        acc_lo += xk * w.to(tl.float32)
+    return acc_lo, acc_hi
+
+
+@triton.jit
+def _row_gemv(x_ptr, wt_ptr, k_start, k_full, k_end, threshold, pid_n, N, stride_wk,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PAIRS: tl.constexpr,
+              WIDE: tl.constexpr):
+    """``[BLOCK_N]`` fp32 partial of one row over inputs ``k_start .. k_end`` (``stride_wk`` in words).
+
+    ``WIDE``: 64-bit element offsets into ``wt``; otherwise 32-bit (the launcher's choice when ``wt`` has fewer
+    than 2**31 elements), which saves the 64-bit multiply-add of every row address in the loop.
+    """
+    COLS: tl.constexpr = BLOCK_N // 2 if PAIRS else BLOCK_N
+    offs_c = pid_n * COLS + tl.arange(0, COLS)
+    cols_ok = offs_c < (N // 2 if PAIRS else N)
+    if PAIRS:
+        wt_ptr = wt_ptr.to(tl.pointer_type(tl.int32))
+    acc_lo = tl.zeros((BLOCK_K, COLS), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_K, COLS), dtype=tl.float32)
+    for k0 in tl.range(k_start, k_full, BLOCK_K, num_stages=NUM_STAGES):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w_ptrs = wt_ptr + _rows(ks, WIDE) * stride_wk + offs_c[None, :]
+        acc_lo, acc_hi = _row_step(acc_lo, acc_hi, x_ptr + ks, w_ptrs, ks, k_end, threshold, cols_ok, False, PAIRS)
+    if k_full < k_end:
+        ks = k_full + tl.arange(0, BLOCK_K)
+        w_ptrs = wt_ptr + _rows(ks, WIDE) * stride_wk + offs_c[None, :]
+        acc_lo, acc_hi = _row_step(acc_lo, acc_hi, x_ptr + ks, w_ptrs, ks, k_end, threshold, cols_ok, True, PAIRS)
+    if PAIRS:
+        out = tl.reshape(tl.join(tl.sum(acc_lo, axis=0), tl.sum(acc_hi, axis=0)), (BLOCK_N,))
+    else:
+        out = tl.sum(acc_lo, axis=0)
+    return out
+
+
+@triton.jit
 def _act_sparse_gemv_kernel(
     x_ptr, wt_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, threshold, BLOCKS_PER_SPLIT,
     stride_xm, stride_wk, stride_ym, stride_ws,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PAIRS: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -87,12 +161,18 @@ def _act_sparse_gemv_kernel(
 
     k_full = k_start + (k_end - k_start) // BLOCK_K * BLOCK_K  # whole blocks: the main loop, no K mask on x
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(k_start, k_full, BLOCK_K, num_stages=NUM_STAGES):
-        acc = _act_sparse_step(acc, x_rows, wt_ptr, k0, k_end, threshold, offs_n, n_ok, stride_wk, False, BLOCK_K)
-    if k_full < k_end:
-        acc = _act_sparse_step(acc, x_rows, wt_ptr, k_full, k_end, threshold, offs_n, n_ok, stride_wk, True, BLOCK_K)
-    out = tl.sum(acc, axis=1)
+    if BLOCK_M == 1:
+        out = _row_gemv(x_ptr, wt_ptr, k_start, k_full, k_end, threshold, pid_n, N, stride_wk // (2 if PAIRS else 1),
+                        BLOCK_N, BLOCK_K, NUM_STAGES, PAIRS, WIDE)[None, :]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.range(k_start, k_full, BLOCK_K, num_stages=NUM_STAGES):
+            acc = _act_sparse_step(acc, x_rows, wt_ptr, k0, k_end, threshold, offs_n, n_ok, stride_wk, False,
+                                   BLOCK_K)
+        if k_full < k_end:
+            acc = _act_sparse_step(acc, x_rows, wt_ptr, k_full, k_end, threshold, offs_n, n_ok, stride_wk, True,
+                                   BLOCK_K)
+        out = tl.sum(acc, axis=1)
 
     if SPLIT_K == 1:
         _act_sparse_store(out, b_ptr, y_ptr, offs_m, offs_n, N, out_mask, stride_ym, HAS_BIAS)
@@ -110,47 +190,7 @@ def _act_sparse_gemv_kernel(
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
-# --------------------------------------------------------------------------- configs
-
-#: Keys of a kernel config (``act_sparse_config``, the ``config=`` argument).
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
-
-
-def act_sparse_config(m: int, n: int, k: int, *, num_sms: int) -> dict:
-    """The launcher's config for ``x [m, k] @ wt [k, n]`` on a GPU with ``num_sms`` SMs (pure; no device needed).
-
-    ``BLOCK_N = 256`` output features (a 512-byte contiguous row slice per kept input in 16-bit), 4 warps, and
-    ``BLOCK_M * BLOCK_K = 32`` so the partial-product tile stays at 64 fp32 registers per thread whatever ``m``
-    (of the configs compiled for sm_90 this one has the highest issue ceiling, ``eval/kernel_report.py``: fewer
-    address/predicate instructions per weight than ``BLOCK_N = 128``); split-K (finished in the same launch)
-    until every SM has two programs, each still looping over >= 4 steps.
-    """
-    bm = triton.next_power_of_2(max(1, m))
-    cfg = dict(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=max(4, 32 // bm), num_warps=4, num_stages=3)
-    tiles = triton.cdiv(n, cfg["BLOCK_N"])
-    blocks = triton.cdiv(k, cfg["BLOCK_K"])
-    split = 1
-    while tiles * split < 2 * num_sms and blocks // (split * 2) >= 4 and split < 64:
-        split *= 2
-    cfg["SPLIT_K"] = split
-    return cfg
-
-
-def check_config(cfg: dict, m: int) -> None:
-    """Raise ``ValueError`` for a config the kernel cannot take (``m`` rows)."""
-    missing = [key for key in CONFIG_KEYS if key not in cfg]
-    if missing:
-        raise ValueError(f"act_sparse_gemv config lacks {missing}")
-    pow2 = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps")}
-    if any(v < 1 or v & (v - 1) for v in pow2.values()):
-        raise ValueError(f"act_sparse_gemv config: {pow2} must be powers of two")
-    if cfg["BLOCK_M"] < m or cfg["BLOCK_M"] > MAX_ROWS:
-        raise ValueError(f"act_sparse_gemv config: BLOCK_M must cover the {m} rows and be <= {MAX_ROWS}")
-    if cfg["BLOCK_M"] * cfg["BLOCK_K"] * cfg["BLOCK_N"] > 64 * 32 * cfg["num_warps"]:
-        raise ValueError(f"act_sparse_gemv config: partial-product tile {pow2} over 64 registers per thread")
-    if not 1 <= cfg["SPLIT_K"] <= 64 or cfg["num_stages"] < 1:
-        raise ValueError(f"act_sparse_gemv config: SPLIT_K must be in [1, 64], num_stages >= 1, got {cfg}")
-
+# --------------------------------------------------------------------------- configs (pure ones: _act_sparse_config)
 
 # --------------------------------------------------------------------------- launcher
 
@@ -208,6 +248,8 @@ def _launch(x, wt, threshold: float, bias, out, cfg: dict) -> torch.Tensor:
         x.stride(0), wt.stride(0), out.stride(0), ws.stride(0) if split > 1 else 0,
         HAS_BIAS=bias is not None, SPLIT_K=split,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NUM_STAGES=cfg["num_stages"],
+        PAIRS=cfg["BLOCK_M"] == 1 and x.dtype == torch.bfloat16 and n % 2 == 0 and wt.data_ptr() % 4 == 0,
+        WIDE=wt.numel() >= 2**31,
         num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out

@@ -30,6 +30,8 @@ def case(m, k, n, sparsity, dtype, seed=0):
 CASES = [(m, k, n, s, torch.float16) for m, k, n in [(1, 200, 48), (3, 97, 130), (4, 64, 33)]
          for s in (0.0, 0.5, 0.9, 1.0)]
 CASES += [(m, k, n, s, dt) for dt in (torch.bfloat16, torch.float32) for m, k, n, s in [(1, 97, 130, 0.5), (2, 64, 33, 0.9)]]
+# one bf16 row: even N takes the paired-column path (two bf16 per int32 word), odd N the plain one
+CASES += [(1, 200, 48, s, torch.bfloat16) for s in (0.0, 0.9)] + [(1, 64, 33, 0.5, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("m,k,n,sparsity,dtype", CASES)
@@ -46,10 +48,10 @@ def test_kernel_matches_reference(m, k, n, sparsity, dtype):
         check_close(act_sparse_gemv(x, wt, t), act_sparse_gemv_ref(x, wt, t))
 
 
-@pytest.mark.parametrize("m", [1, 5])
-def test_weight_rows_of_zeroed_inputs_are_never_read(m):
+@pytest.mark.parametrize("m,dtype", [(1, torch.float16), (5, torch.float16), (1, torch.bfloat16)])
+def test_weight_rows_of_zeroed_inputs_are_never_read(m, dtype):
     # Rows of W^T whose input every row of x zeroes are NaN: any read of them would poison the output.
-    x, wt, bias, t = case(m, 150, 40, 0.9, torch.float16, seed=3)
+    x, wt, bias, t = case(m, 150, 40, 0.9, dtype, seed=3)
     dropped = (x.float().abs() < t).all(0)
     assert dropped.sum() > 50
     poisoned = wt.clone()
@@ -58,15 +60,25 @@ def test_weight_rows_of_zeroed_inputs_are_never_read(m):
     check_close(y, act_sparse_gemv_ref(x, wt, t, bias))
 
 
-@pytest.mark.parametrize("split,block_k", [(3, 16), (4, 8)])
-def test_split_k_configs_and_tails(split, block_k):
+@pytest.mark.parametrize("m,split,block_k", [(2, 3, 16), (2, 4, 8), (1, 3, 16)])
+def test_split_k_configs_and_tails(m, split, block_k):
     # K = 203 is no multiple of any block; splits finish in the same launch (arrival counters).
-    x, wt, bias, t = case(2, 203, 70, 0.5, torch.bfloat16, seed=5)
-    cfg = act_sparse_config(2, 70, 203, num_sms=4)
+    x, wt, bias, t = case(m, 203, 70, 0.5, torch.bfloat16, seed=5)
+    cfg = act_sparse_config(m, 70, 203, num_sms=4)
     cfg.update(SPLIT_K=split, BLOCK_K=block_k, BLOCK_N=32)
-    out = torch.full((2, 70), float("nan"), dtype=torch.bfloat16, device=DEV)
+    out = torch.full((m, 70), float("nan"), dtype=torch.bfloat16, device=DEV)
     check_close(act_sparse_gemv(x, wt, t, bias, out=out, config=cfg), act_sparse_gemv_ref(x, wt, t, bias))
     check_close(act_sparse_gemv(x, wt, t, config=cfg), act_sparse_gemv_ref(x, wt, t))  # counters were reset
+
+
+def test_bf16_weight_not_on_a_word_boundary():
+    # A contiguous W^T view starting at an odd bf16 element cannot be read as int32 pairs: the plain path runs.
+    x, wt, bias, t = case(1, 64, 48, 0.5, torch.bfloat16, seed=7)
+    buf = torch.empty(1 + wt.numel(), dtype=torch.bfloat16, device=DEV)
+    shifted = buf[1:].view(64, 48)
+    shifted.copy_(wt)
+    assert shifted.data_ptr() % 4 != 0
+    check_close(act_sparse_gemv(x, shifted, t, bias), act_sparse_gemv_ref(x, wt, t, bias))
 
 
 def test_threshold_is_exact_at_the_boundary():
