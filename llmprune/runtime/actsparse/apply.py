@@ -12,7 +12,10 @@ entries of its input with ``|x| < t`` (``t`` its group's threshold, compared in 
   storage (``weight.t()`` contiguous: same values and shape, so ``F.linear`` and saving are unaffected);
 * other linear modules (``Sparse24Linear``: packed 2:4) get a forward pre-hook that zeroes the input and then run
   as usual. Their kernel reads the packed values of every column, so the activation sparsity there changes the
-  numbers but saves no bytes; an input-sparse 2:4 kernel is not written.
+  numbers but saves no bytes. An input-sparse 2:4 kernel is not written because it could save little: 2:4 keeps a
+  different 2 of every 4 consecutive inputs in each output row, so one zeroed input's values are scattered over
+  the rows and only a group whose 4 inputs are all zeroed could be skipped for every row; on SmolLM2-135M that is
+  0.9% / 3.7% of the groups at 25% / 40% TEAL sparsity (``eval/act_group_zeros.py``).
 
 Decode only by default: an input ``[b, s, in]`` with ``s > 1`` (prefill, or a verification forward) runs dense
 unless ``prefill`` is set. :attr:`ActSparsity.enabled` switches the whole model back to dense (the dense
