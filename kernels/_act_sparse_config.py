@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import triton
 
+from ._device import check_keys_pow2
+
 #: Most input rows the launcher takes (the partial-product tile holds every row).
 MAX_ROWS = 8
 
@@ -37,12 +39,7 @@ def act_sparse_config(m: int, n: int, k: int, *, num_sms: int) -> dict:
 
 def check_config(cfg: dict, m: int) -> None:
     """Raise ``ValueError`` for a config the kernel cannot take (``m`` rows)."""
-    missing = [key for key in CONFIG_KEYS if key not in cfg]
-    if missing:
-        raise ValueError(f"act_sparse_gemv config lacks {missing}")
-    pow2 = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps")}
-    if any(v < 1 or v & (v - 1) for v in pow2.values()):
-        raise ValueError(f"act_sparse_gemv config: {pow2} must be powers of two")
+    pow2 = check_keys_pow2("act_sparse_gemv", cfg, CONFIG_KEYS, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"))
     if cfg["BLOCK_M"] < m or cfg["BLOCK_M"] > MAX_ROWS:
         raise ValueError(f"act_sparse_gemv config: BLOCK_M must cover the {m} rows and be <= {MAX_ROWS}")
     if cfg["BLOCK_M"] * cfg["BLOCK_K"] * cfg["BLOCK_N"] > 64 * 32 * cfg["num_warps"]:

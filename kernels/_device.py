@@ -55,6 +55,21 @@ def check_shared(kernel: str, need: int, arch: int, hint: str) -> None:
                          f"sm_{arch} grants {limit // 1024} KB; {hint}")
 
 
+def check_keys_pow2(kernel: str, cfg: dict, keys, pow2_keys) -> dict:
+    """Raise ``ValueError`` when ``cfg`` lacks one of ``keys`` or a ``pow2_keys`` entry is not a power of two.
+
+    Returns:
+        ``{key: cfg[key]}`` for ``pow2_keys`` (the launchers quote it in their later messages).
+    """
+    missing = [key for key in keys if key not in cfg]
+    if missing:
+        raise ValueError(f"{kernel} config lacks {missing}")
+    pow2 = {key: cfg[key] for key in pow2_keys}
+    if any(v < 1 or v & (v - 1) for v in pow2.values()):
+        raise ValueError(f"{kernel} config: {pow2} must be powers of two")
+    return pow2
+
+
 #: Per-device arrival counters for kernels that finish a split reduction in the same launch (int32, all zero
 #: between launches: the last program of each tile resets its own counter).
 _COUNTERS: dict[torch.device, torch.Tensor] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import triton
 
-from ._device import check_shared
+from ._device import check_keys_pow2, check_shared
 
 #: Keys of a kernel config (``heuristic_config``, ``tune``, the ``config=`` argument).
 CONFIG_KEYS = ("USE_DOT", "BLOCK_M", "BLOCK_N", "BLOCK_G", "SPLIT_K", "num_warps", "num_stages")
@@ -47,12 +47,7 @@ def shared_bytes(cfg: dict, itemsize: int = 2) -> int:
 
 def check_config(cfg: dict, arch: int) -> None:
     """Raise ``ValueError`` for a config the kernel cannot take, or whose shared memory ``arch`` cannot grant."""
-    missing = [key for key in CONFIG_KEYS if key not in cfg]
-    if missing:
-        raise ValueError(f"sparse24_linear config lacks {missing}")
-    pow2 = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_G", "num_warps")}
-    if any(v < 1 or v & (v - 1) for v in pow2.values()):
-        raise ValueError(f"sparse24_linear config: {pow2} must be powers of two")
+    pow2 = check_keys_pow2("sparse24_linear", cfg, CONFIG_KEYS, ("BLOCK_M", "BLOCK_N", "BLOCK_G", "num_warps"))
     if cfg["BLOCK_G"] < 8 or cfg["BLOCK_N"] > 256 or cfg["BLOCK_G"] > 512:
         raise ValueError(f"sparse24_linear config: BLOCK_G must be in [8, 512] and BLOCK_N <= 256, got {pow2}")
     if cfg["USE_DOT"] and (cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16 or cfg["BLOCK_G"] < 16):

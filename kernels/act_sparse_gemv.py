@@ -25,8 +25,8 @@ columns, each widened to fp32 by one shift or one mask: on sm_90 a 32 x 256 step
 3-d tile of ``M > 1`` needs ~490 (``eval/results/kernel_report.md``).
 
 :func:`act_sparse_config` (in ``_act_sparse_config``) is the launcher's config as a pure function;
-:func:`check_config` refuses configs the kernel cannot take. Choosing this kernel over ``F.linear`` (prefill, large ``M``) is the caller's decision
-(:mod:`llmprune.runtime.kernel_policy`).
+:func:`check_config` refuses configs the kernel cannot take. Choosing this kernel over ``F.linear`` (prefill,
+large ``M``) is the caller's decision (:mod:`llmprune.runtime.kernel_policy`).
 """
 
 from __future__ import annotations
@@ -189,8 +189,6 @@ def _act_sparse_gemv_kernel(
             _act_sparse_store(out, b_ptr, y_ptr, offs_m, offs_n, N, out_mask, stride_ym, HAS_BIAS)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
-
-# --------------------------------------------------------------------------- configs (pure ones: _act_sparse_config)
 
 # --------------------------------------------------------------------------- launcher
 
