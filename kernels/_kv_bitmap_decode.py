@@ -2,7 +2,9 @@
 
 Layout: :mod:`llmprune.formats.bitmap`. :func:`decode_block` picks the format-2 decoder (every token keeps exactly
 ``KEEP`` values, offsets derived: one contiguous, 16-byte-vectorized value run per block, expanded from a register
-tile) or the version-1 decoder (stored per-tile offsets, one global gather per value).
+tile, two 16-bit elements per 32-bit gather when ``PAIRS``) or the version-1 decoder (stored per-tile offsets, one
+global gather per value). ``HW_POPC``: compiled for the GPU (``POPC``, ``PRMT``); the interpreter runs the same
+operands through plain integer arithmetic.
 """
 
 from __future__ import annotations
@@ -64,8 +66,82 @@ def _expand(halves, first, src, BLOCK_N: tl.constexpr, D: tl.constexpr, CHUNK: t
 
 
 @triton.jit
+def _pair_mask(x, sh, p, HW: tl.constexpr):
+    """int32 masks of element pairs ``(2p, 2p + 1)`` of the halves ``x``: ``0xFFFF`` in the low half where bit
+    ``2p`` is set (the sign of ``sh = x << (31 - 2p)``), in the high half where bit ``2p + 1`` is.
+
+    On the GPU one ``PRMT`` in sign-replicate mode per pair: bit ``2p + 1`` is the top bit of byte ``p // 4`` of
+    ``x << (6 - 2 * (p % 4))``, so four shifts of a half serve its 16 pairs.
+    """
+    odd = x << (6 - 2 * (p % 4))
+    sel = tl.broadcast_to(0xBB | ((0xC + p // 4) * 0x1100), sh.shape)
+    if HW:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [sh, odd, sel], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    # PRMT emulated on the same operands: the high half copies the top bit of byte (selector nibble & 3) of odd
+    hi = (odd >> (8 * ((sel >> 8) & 3) + 7)) & 1
+    return (-hi & -65536) | ((sh >> 31) & 0xFFFF)  # the arithmetic shift spreads the sign of sh over the word
+
+
+@triton.jit
+def _opaque(x, HW: tl.constexpr):
+    """``x`` through a non-pure ``mov`` on the GPU: Triton sizes a dot operand's register layout (``kWidth``) from
+    the elementwise chain behind it, and this chain's bitmap joins would halve it (64-bit shared loads and register
+    shuffles instead of ``ldmatrix``); an op with side effects ends the chain."""
+    if HW:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+    return x
+
+
+@triton.jit
+def _sliding_pairs(src32, CW: tl.constexpr):
+    """``[2 * CW]`` int32 words ``w[j] = src[j - 1] | src[j] << 16`` (``w[0]``'s low half arbitrary) of the 16-bit
+    values whose aligned pairs are ``src32 [CW]`` (``src32[m] = src[2m] | src[2m + 1] << 16``).
+
+    Word ``j`` holds the two values that an element pair reads when ``j`` values precede or end at its first
+    element, so one 32-bit gather serves two dense elements (:func:`_expand_pairs`).
+    """
+    prev = tl.gather(src32, tl.maximum(tl.arange(0, CW) - 1, 0), 0)
+    # src[2m - 1] | src[2m] << 16; word 0's low half (src[0] here, not 0) is only read by a pair whose first element
+    # is dropped, so the pair mask clears it
+    even = ((prev >> 16) & 0xFFFF) | (src32 << 16)
+    return tl.reshape(tl.join(even, src32), (2 * CW,))
+
+
+@triton.jit
+def _expand_pairs(halves, first, words, BLOCK_N: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr,
+                  HW_POPC: tl.constexpr):
+    """Dense ``[BLOCK_N, D]`` in ``DTYPE`` (16-bit) from the bitmap halves, each half's first value index
+    ``first [BLOCK_N, D / 32]`` and the sliding pair words ``words`` (:func:`_sliding_pairs`), two elements per
+    gather.
+
+    For the pair ``(i, i + 1)`` of a half (``i`` even) let ``c`` be the values before element ``i``: if ``i`` is
+    kept its value is ``src[c]`` and ``i + 1``'s (if kept) ``src[c + 1]``: word ``c + 1``; if ``i`` is dropped,
+    ``i + 1``'s value is ``src[c]``: the high half of word ``c``. Both are word ``first + popcount(bits <= i)``,
+    and the pair mask clears the dropped halves: shift, ``POPC``, address, one 32-bit shared-memory load,
+    ``PRMT`` and ``AND`` per two elements (the single-element path needs about 7.5 per element).
+    """
+    x = tl.join(halves, halves)
+    x = tl.join(x, x)
+    x = tl.join(x, x)
+    x = tl.reshape(tl.join(x, x), (BLOCK_N, D // 32, 16))
+    f = tl.join(first, first)
+    f = tl.join(f, f)
+    f = tl.join(f, f)
+    f = tl.reshape(tl.join(f, f), (BLOCK_N, D // 32, 16))
+    p = tl.arange(0, 16)[None, None, :]
+    sh = x << (31 - 2 * p)  # sign: bit i = 2p; the bits below it are the ones before
+    idx = tl.reshape(f + _popcount32(sh, HW_POPC), (BLOCK_N * D // 2,))
+    w = tl.reshape(tl.gather(words, idx, 0), (BLOCK_N, D // 32, 16)) & _pair_mask(x, sh, p, HW_POPC)
+    w = _opaque(w, HW_POPC)
+    lo = w.to(tl.int16).to(DTYPE, bitcast=True)
+    hi = (w >> 16).to(tl.int16).to(DTYPE, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (BLOCK_N, D))
+
+
+@triton.jit
 def _decode_derived(bm_ptr, val_ptr, n0, n_end, KEEP: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HW_POPC: tl.constexpr):
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HW_POPC: tl.constexpr, PAIRS: tl.constexpr):
     """Dense block of tokens ``n0 ..`` of a row whose every token keeps exactly ``KEEP`` values (format v2).
 
     The block's values are one contiguous run ``values[n0 * KEEP : (n0 + BLOCK_N) * KEEP]``, read as 16-byte
@@ -76,6 +152,13 @@ def _decode_derived(bm_ptr, val_ptr, n0, n_end, KEEP: tl.constexpr, CHUNK: tl.co
     halves = _halves(bm_ptr, n0 + tok, n0 + tok < n_end, D, BLOCK_N, MASKED)
     cnt = _popcount32(halves, HW_POPC)
     first = tok[:, None] * KEEP + tl.cumsum(cnt, 1) - cnt
+    if PAIRS and not MASKED:
+        # 16-bit values of a whole block, 4-byte aligned (the launcher checks): read as int32 pairs
+        cw = tl.arange(0, CHUNK // 2)
+        src32 = tl.load((val_ptr + n0 * KEEP).to(tl.pointer_type(tl.int32)) + cw, mask=cw < BLOCK_N * KEEP // 2,
+                        other=0)
+        return _expand_pairs(halves, first, _sliding_pairs(src32, CHUNK // 2), BLOCK_N, D,
+                             val_ptr.dtype.element_ty, HW_POPC)
     c = tl.arange(0, CHUNK)
     if MASKED:
         src = tl.load(val_ptr + n0 * KEEP + c, mask=c < (n_end - n0) * KEEP, other=0.0)
@@ -109,14 +192,14 @@ def _decode_by_offsets(bm_ptr, off_ptr, val_ptr, offs_n, n_ok, D: tl.constexpr, 
 
 @triton.jit
 def decode_block(bm_ptr, off_ptr, val_ptr, n0, n_end, KEEP: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HW_POPC: tl.constexpr):
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HW_POPC: tl.constexpr, PAIRS: tl.constexpr = False):
     """Dense ``[BLOCK_N, D]`` block of tokens ``n0 ..`` (zeros where pruned and past ``n_end``).
 
     ``KEEP > 0``: format 2 (``off_ptr`` unused; ``MASKED`` False only for whole blocks, whose loads then carry
     no token mask). ``KEEP == 0``: version 1 through ``off_ptr``.
     """
     if KEEP > 0:
-        x = _decode_derived(bm_ptr, val_ptr, n0, n_end, KEEP, CHUNK, D, BLOCK_N, MASKED, HW_POPC)
+        x = _decode_derived(bm_ptr, val_ptr, n0, n_end, KEEP, CHUNK, D, BLOCK_N, MASKED, HW_POPC, PAIRS)
     else:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         x = _decode_by_offsets(bm_ptr, off_ptr, val_ptr, offs_n, offs_n < n_end, D, BLOCK_N, HW_POPC)

@@ -21,10 +21,15 @@ tensor cores, fp32 accumulate. Each program stores the ``G * M`` real rows of it
 ``(m, l, acc)`` and bumps the head's arrival counter; the last of the ``S + 1`` to arrive merges them (log-sum-exp
 rescaling), writes the output in the query dtype and resets the counter.
 
-Known limit: the expansion is still element by element (shift, popcount, select, a shared-memory gather, about
-7.5 SASS per dense element; 1253 per 64-token iteration on sm_90 at the default config), so the compile-level report
-(``eval/results/kernel_report.md``) puts the main loop's issue ceiling near 2.5 TB/s of compressed bytes on sm_90
-(1.2 before format 2), below the ~3.8 TB/s that 2.2x dense SDPA needs on an H200. :func:`kv_bitmap_config` is
+16-bit values of whole blocks expand two elements at a time (``PAIRS``, when every row starts 4-byte aligned,
+which the cache's buffers guarantee): the block's value run becomes sliding 32-bit words ``src[j - 1] | src[j] <<
+16``, so each element pair is one popcount, one 32-bit shared-memory gather, one ``PRMT`` (sign-replicated bitmap
+bits as the pair's mask) and one ``AND``; 778 SASS per 64-token iteration on sm_90 (1253 one element at a time).
+
+Known limit: the compile-level report (``eval/results/kernel_report.md``) puts the main loop's issue ceiling at
+~4.0 TB/s of compressed bytes on sm_90 (2.5 one element at a time, 1.2 before format 2), just above the ~3.8 TB/s
+that 2.2x dense SDPA needs on an H200 and short of the 1.5x margin; 229 registers leave 2 CTAs per SM.
+:func:`kv_bitmap_config` is
 the launcher's config as a pure function; :func:`check_config` refuses block sizes and shared memory the GPU cannot
 take.
 
@@ -66,7 +71,7 @@ def _kv_bitmap_attention_kernel(
     s_mb, s_ob, s_oh, s_om,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PARTS_PAD: tl.constexpr,
     K_KEEP: tl.constexpr, V_KEEP: tl.constexpr, K_CHUNK: tl.constexpr, V_CHUNK: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, K_PAIRS: tl.constexpr, V_PAIRS: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -104,13 +109,13 @@ def _kv_bitmap_attention_kernel(
         # (the next block's bitmap words and values are in flight while this one is expanded).
         for it in tl.range(0, n_full, num_stages=NUM_STAGES):
             n0 = n_start + it * BLOCK_N
-            k = decode_block(kb, ko, kv, n0, n_end, K_KEEP, K_CHUNK, D, BLOCK_N, False, HW_POPC)
+            k = decode_block(kb, ko, kv, n0, n_end, K_KEEP, K_CHUNK, D, BLOCK_N, False, HW_POPC, K_PAIRS)
             if HAS_MASK:
                 s_ok = (tl.load(mask_ptr + b64 * s_mb + n0 + tl.arange(0, BLOCK_N)) != 0)[None, :]
                 p, alpha, m_i, l_i = _scores(q, k, s_ok, m_i, l_i, qk_scale, True, DOT_FP32, IEEE)
             else:
                 p, alpha, m_i, l_i = _scores(q, k, True, m_i, l_i, qk_scale, False, DOT_FP32, IEEE)
-            v = decode_block(vb, vo, vv, n0, n_end, V_KEEP, V_CHUNK, D, BLOCK_N, False, HW_POPC)
+            v = decode_block(vb, vo, vv, n0, n_end, V_KEEP, V_CHUNK, D, BLOCK_N, False, HW_POPC, V_PAIRS)
             acc = _accumulate(acc, p, alpha, v, DOT_FP32, IEEE)
         n0 = n_start + n_full * BLOCK_N
         if n0 < n_end:  # the row's last, partial block (only the last split has one)
@@ -176,6 +181,12 @@ def _check_row(name: str, t: torch.Tensor, B: int, H: int, dtype, min_len: int, 
         raise ValueError(f"{name} is on {t.device}, q on {device}")
     if t.shape[2] > 1 and t.stride(2) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def _pairs(values: torch.Tensor, keep: int) -> bool:
+    """Whether a format-2 row's 16-bit values can be read as 4-byte pairs (every row starts 4-byte aligned)."""
+    return (keep > 0 and values.element_size() == 2 and values.data_ptr() % 4 == 0
+            and all(st % 2 == 0 for st in values.stride()[:2]))
 
 
 def _row_keep(which: str, offsets, values: torch.Tensor, keep: int | None, n_compressed: int, d: int) -> int:
@@ -319,7 +330,7 @@ def kv_bitmap_attention(
         s_mb, out.stride(0), out.stride(1), out.stride(2),
         D=d, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=BLOCK_R, PARTS_PAD=cfg["PARTS_PAD"],
         K_KEEP=cfg["K_KEEP"], V_KEEP=cfg["V_KEEP"], K_CHUNK=cfg["K_CHUNK"], V_CHUNK=cfg["V_CHUNK"],
-        NUM_STAGES=cfg["num_stages"], HAS_MASK=kv_mask is not None,
+        NUM_STAGES=cfg["num_stages"], K_PAIRS=_pairs(k_values, kk), V_PAIRS=_pairs(v_values, vk), HAS_MASK=kv_mask is not None,
         DOT_FP32=_INTERPRETED or q.dtype == torch.float32, IEEE=ieee, HW_POPC=not _INTERPRETED,
         num_warps=cfg["num_warps"],
     )  # fmt: skip

@@ -164,7 +164,21 @@ def test_kv_bitmap_value_stream_is_vectorized_and_pipelined(build, arch):
     assert loop.narrow_loads(32) == 0, f"sub-word global loads in the main loop: {loop.global_loads()}"
     assert loop.count("LDGSTS", "UTMALDG") >= need, f"main-loop loads are not pipelined: {loop.global_loads()}"
     dense_per_thread = 2 * c.constexprs["BLOCK_N"] * c.constexprs["D"] // _threads(c)
-    assert loop.size / dense_per_thread <= 12, f"{loop.size} SASS for {dense_per_thread} dense elements per thread"
+    assert loop.size / dense_per_thread <= 7, f"{loop.size} SASS for {dense_per_thread} dense elements per thread"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_bitmap_expands_two_elements_per_shared_load(build, arch):
+    """16-bit values expand in pairs: one 32-bit shared-memory load, one PRMT and one AND per two dense elements
+    (the single-element path: one 16-bit load per element)."""
+    (c,) = build("kv_bitmap_attention", arch)
+    assert c.constexprs["K_PAIRS"] and c.constexprs["V_PAIRS"]
+    loop = c.main_loop
+    pairs_per_thread = c.constexprs["BLOCK_N"] * c.constexprs["D"] // _threads(c)  # K and V: 2 x dense / 2
+    assert loop.count("LDS.U16") == 0, "a 16-bit shared load per element: the pair path is not in the main loop"
+    assert pairs_per_thread <= loop.count("PRMT") <= pairs_per_thread + 8, loop.count("PRMT")
+    lds32 = loop.opcodes.get("LDS", 0)  # plain 32-bit shared loads (not .128, .64 or ldmatrix)
+    assert pairs_per_thread <= lds32 <= pairs_per_thread * 5 // 4, f"{lds32} 32-bit shared loads, {pairs_per_thread} pairs"
 
 
 @pytest.mark.parametrize("arch", [90])

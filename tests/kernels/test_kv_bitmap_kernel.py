@@ -3,7 +3,7 @@
 import pytest
 import torch
 from helpers import check_close
-from llmprune.kernels.kv_bitmap_attention import kv_bitmap_attention, kv_bitmap_attention_ref
+from llmprune.kernels.kv_bitmap_attention import _pairs, kv_bitmap_attention, kv_bitmap_attention_ref
 
 from llmprune.formats.bitmap import keep_count, pack_topk, token_offsets
 from llmprune.runtime.kvcache.store import _BitmapStore
@@ -161,6 +161,27 @@ def test_format2_keep_everything_and_chunk_edges():
     q = torch.randn(B, 3, 1, d, generator=g).to(dtype).to(DEV)
     args = (k_st.bitmap, None, k_st.values, v_st.bitmap, None, v_st.values, kw, vw, T)
     check_close(kv_bitmap_attention(q, *args, num_splits=1), kv_bitmap_attention_ref(q, *args))
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_pair_expansion_and_its_unaligned_fallback(aligned):
+    """Whole blocks of 16-bit values expand two elements per 32-bit word when every row starts 4-byte aligned
+    (odd keep counts included); values stored at an odd element offset take the one-element path; both give the
+    reference, at head_dim 256 and with a partial last block."""
+    dtype, B, Hkv, d, T = torch.bfloat16, 1, 2, 256, 16 * 3 + 5
+    g = torch.Generator().manual_seed(7)
+    k_st, v_st = (_BitmapStore(B, Hkv, d, kk, dtype, DEV) for kk in (keep_count(d, 0.7), 101))  # 77 and 101: odd
+    k_st.append(torch.randn(B, Hkv, T, d, generator=g).to(dtype).to(DEV))
+    v_st.append(torch.randn(B, Hkv, T, d, generator=g).to(dtype).to(DEV))
+    k_vals, v_vals = k_st.values, v_st.values
+    if not aligned:  # the same values one element into a larger buffer: rows start 2 bytes off a 4-byte boundary
+        k_vals, v_vals = (torch.cat([x.new_zeros(B, Hkv, 1), x], -1)[..., 1:] for x in (k_vals, v_vals))
+    assert _pairs(k_vals, k_st.keep) == _pairs(v_vals, v_st.keep) == aligned
+    kw, vw = torch.randn(2, B, Hkv, 4, d, generator=g).to(dtype).to(DEV)
+    q = torch.randn(B, Hkv * 3, 1, d, generator=g).to(dtype).to(DEV)
+    args = (k_st.bitmap, None, k_vals, v_st.bitmap, None, v_vals, kw, vw, T)
+    out = torch.full_like(q, float("nan"))
+    check_close(kv_bitmap_attention(q, *args, out=out, block_n=16, num_splits=2), kv_bitmap_attention_ref(q, *args))
 
 
 def test_token_offsets_are_the_version1_offsets():

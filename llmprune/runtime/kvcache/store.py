@@ -20,6 +20,12 @@ from llmprune.formats.bitmap import (
 )
 
 
+def _round_up(n: int, to: int = 64) -> int:
+    """Buffer lengths in multiples of 64 elements: every row of a ``[B, H, n]`` buffer then starts 128-byte aligned,
+    so the decode kernel reads 16-bit values as 4-byte pairs in 16-byte vectors whatever the keep count."""
+    return -(-n // to) * to
+
+
 class _BitmapStore:
     """Bitmap storage of ``[B, H, T, d]`` pruned to ``keep`` entries per token; a row is one ``(b, h)``.
 
@@ -65,16 +71,16 @@ class _BitmapStore:
         # Version 1 only: stored per-tile offsets into the shared values buffer.
         self._offsets = torch.zeros(batch, heads, tiles_cap, dtype=torch.int32, device=device) if self.mixed else None
         if self.mixed:
-            self._values = torch.zeros(batch, capacity * sum(keeps), dtype=dtype, device=device)
+            self._values = torch.zeros(batch, _round_up(capacity * sum(keeps)), dtype=dtype, device=device)
         else:
-            self._values = torch.zeros(batch, heads, capacity * keeps[0], dtype=dtype, device=device)
+            self._values = torch.zeros(batch, heads, _round_up(capacity * keeps[0]), dtype=dtype, device=device)
 
     @staticmethod
     def _grow(buf: torch.Tensor, need: int) -> torch.Tensor:
         cap = buf.shape[-1]
         if need <= cap:
             return buf
-        new = buf.new_zeros(*buf.shape[:-1], max(need, 2 * cap, 64))
+        new = buf.new_zeros(*buf.shape[:-1], _round_up(max(need, 2 * cap, 64)))
         new[..., :cap] = buf
         return new
 
