@@ -16,7 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmprune.calibration.data import check_calib_source, clip_seqlen, load_calibration_resolved
+from llmprune.calibration.data import (
+    check_calib_source,
+    clip_seqlen,
+    extend_calibration,
+    load_calibration_resolved,
+)
 from llmprune.config import PruneConfig, Recipe, RecoveryConfig
 from llmprune.config.recipe import check_sequential
 from llmprune.engine.layerwise import capture_inputs, default_compute_dtype, prune_layerwise
@@ -73,6 +78,7 @@ def prune(
     progress: bool = True,
     recover: RecoveryConfig | None = None,
     sequential: str = "auto",
+    distill_calib: torch.Tensor | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place with one config or a sequence of stages.
 
@@ -90,6 +96,8 @@ def prune(
         sequential: which inputs each decoder layer's statistics see (:attr:`CalibConfig.sequential`):
             ``"module"`` (one pass per layer), ``"layer"`` (the dense layer, two passes) or ``"auto"``
             (:func:`~llmprune.engine.sequential.resolve_sequential`); the order used is ``report.sequential``.
+        distill_calib: ``[n, seqlen]`` token ids the end-to-end distillation trains on (default: ``calib``;
+            :func:`~llmprune.calibration.data.extend_calibration` makes them for ``recover.distill_nsamples``).
 
     Returns:
         A :class:`PruneReport`.
@@ -146,7 +154,8 @@ def prune(
             )
             del inputs
         if teacher is not None:
-            report.distill = distill(model, teacher, calib, e2e, device=dev, batch_size=batch_size,
+            report.distill = distill(model, teacher, calib if distill_calib is None else distill_calib, e2e, device=dev,
+                                     batch_size=batch_size,
                                      progress=progress)
     finally:
         model.train(was_training)
@@ -243,8 +252,12 @@ def compress(
         t_cal = time.perf_counter()
         calib, calib_cfg = load_calibration_resolved(calib_cfg, tokenizer, model, progress=progress)  # auto -> c4/self
         log.info("calibration data: %s in %.1fs", tuple(calib.shape), time.perf_counter() - t_cal)
+    e2e = recipe.recover.e2e if recipe.recover is not None else None
+    distill_calib = None
+    if e2e is not None and e2e.distill_nsamples is not None:  # drawn now, from the dense model for source "self"
+        distill_calib = extend_calibration(calib, calib_cfg, e2e.distill_nsamples, tokenizer, model, progress=progress)
     report = prune(model, recipe.stages, calib, device=dev, batch_size=calib_cfg.batch_size, progress=progress,
-                   recover=recipe.recover, sequential=calib_cfg.sequential)
+                   recover=recipe.recover, sequential=calib_cfg.sequential, distill_calib=distill_calib)
     if report.sequential is not None:  # recorded as resolved (auto -> module/layer), so the run can be repeated
         calib_cfg = dataclasses.replace(calib_cfg, sequential=report.sequential)
     verify_model(model, recipe.stages, report.modules)  # an internal error here: nothing is saved

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from llmprune import api
-from llmprune.calibration.data import clip_seqlen, load_calibration_resolved
+from llmprune.calibration.data import clip_seqlen, extend_calibration, load_calibration_resolved
 from llmprune.config import CalibConfig, PruneConfig, Recipe
 from llmprune.errors import ConfigError
 from llmprune.evaluate.lm_eval import evaluate as _lm_eval
@@ -104,16 +104,24 @@ def compress(
         return api.compress(ref, rec, output, device=device, overwrite=overwrite, progress=progress, **kwargs)
     if kwargs:
         raise ConfigError(f"{', '.join(sorted(kwargs))}: only for a model reference, not a model in memory")
-    ids, cal = None, None
+    ids, cal, distill_ids = None, None, None
+    e2e = rec.recover.e2e if rec.recover is not None else None
     if any(method_for_config(s).needs_calibration for s in rec.stages) or rec.recover is not None:
         if isinstance(calib, torch.Tensor):
             ids = calib
+            if e2e is not None and (e2e.distill_nsamples or 0) > ids.shape[0]:
+                raise ConfigError(f"recover.distill_nsamples = {e2e.distill_nsamples} exceeds the {ids.shape[0]} "
+                                  "calibration sequences given as token ids; give a calibration source to draw more")
         else:
             tok = tokenizer if tokenizer is not None else _tokenizer_of(model)
             cal = clip_seqlen(rec.calibration, model.config)
             ids, cal = load_calibration_resolved(cal, tok, model, progress=progress)
+            if e2e is not None and e2e.distill_nsamples is not None:
+                distill_ids = extend_calibration(ids, cal, e2e.distill_nsamples, tok, model, progress=progress)
+        if e2e is not None and e2e.distill_nsamples is not None and distill_ids is None:
+            distill_ids = ids[: e2e.distill_nsamples]
     report = api.prune(model, rec.stages, ids, device=device, batch_size=rec.calibration.batch_size,
-                       progress=progress, recover=rec.recover)
+                       progress=progress, recover=rec.recover, distill_calib=distill_ids)
     if output is None:
         return CompressResult(None, report, {})
     path = save(model, output, tokenizer, recipe=rec, report=report, calibration=cal, overwrite=overwrite)

@@ -202,6 +202,30 @@ def load_calibration(cfg: CalibConfig, tokenizer, model=None, *, progress: bool 
     return load_calibration_resolved(cfg, tokenizer, model, progress=progress)[0]
 
 
+def extend_calibration(ids: torch.Tensor, cfg: CalibConfig, n: int, tokenizer, model=None, *,
+                       progress: bool = False) -> torch.Tensor:
+    """``n`` calibration sequences: the first ``n`` rows of ``ids``, or all of them followed by ``n - len(ids)``
+    more drawn from ``cfg``'s source with the next seed (``cfg.seed + 1``; ``cfg`` as resolved, e.g. ``c4``).
+
+    The end-to-end distillation trains on these (``recover.distill_nsamples``), so it can see text the pruning
+    statistics did not.
+
+    Args:
+        ids: ``[nsamples, seqlen]`` calibration token ids drawn with ``cfg``.
+        n: sequences wanted.
+
+    Returns:
+        ``[n, seqlen]`` int64 token ids.
+    """
+    if n <= ids.shape[0]:
+        return ids[:n]
+    extra, _ = load_calibration_resolved(replace(cfg, nsamples=n - ids.shape[0], seed=cfg.seed + 1), tokenizer, model,
+                                         progress=progress)
+    log.info("distillation data: %d calibration sequences + %d drawn with seed %d", ids.shape[0], extra.shape[0],
+             cfg.seed + 1)
+    return torch.cat([ids, extra.to(ids.dtype)])
+
+
 def load_calibration_resolved(
     cfg: CalibConfig, tokenizer, model=None, *, progress: bool = True
 ) -> tuple[torch.Tensor, CalibConfig]:

@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--recover block+e2e: the distillation's Adam steps (default: --recover-steps)")
     p.add_argument("--recover-distill-lr", type=float, default=None,
                    help="--recover block+e2e: the distillation's peak learning rate (default 2e-4)")
+    p.add_argument("--recover-distill-nsamples", type=int, default=None, metavar="N",
+                   help="--recover e2e|block+e2e: sequences the distillation trains on (default: the calibration set; "
+                        "more are drawn from the same source with the next seed)")
     p.add_argument("--recover-batch-size", type=int, default=None, help="--recover: sequences per step (default 1)")
     p.add_argument("--output", "-o", default=None, help="output directory (default ./<model>-<method>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -129,7 +132,8 @@ def _stage_flags(args: argparse.Namespace, method=None) -> dict:
 
 _RECOVER_FLAGS = {"recover_scope": "scope", "recover_mask": "mask", "recover_lr": "lr",
                   "recover_batch_size": "batch_size", "recover_loss": "loss",
-                  "recover_distill_steps": "distill_steps", "recover_distill_lr": "distill_lr"}
+                  "recover_distill_steps": "distill_steps", "recover_distill_lr": "distill_lr",
+                  "recover_distill_nsamples": "distill_nsamples"}
 
 
 def _recovery_from_args(args: argparse.Namespace, current):

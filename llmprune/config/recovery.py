@@ -38,6 +38,9 @@ class RecoveryConfig:
         temperature: ``e2e``: softmax temperature of the logit KL.
         distill_steps: ``block+e2e``: the distillation's Adam steps (None: ``steps``).
         distill_lr: ``block+e2e``: the distillation's peak learning rate (None: e2e's default, 2e-4).
+        distill_nsamples: ``e2e`` / ``block+e2e``: sequences the distillation trains on (None: the calibration
+            set). More than the calibration set: the rest are drawn from the same source with the next seed, so
+            the distillation sees text the pruning did not (:func:`llmprune.calibration.data.extend_calibration`).
         eval_batches: the losses reported before/after each block part are measured on the first this many
             calibration batches (0: all; each measurement is a forward pass over them).
     """
@@ -61,6 +64,7 @@ class RecoveryConfig:
     eval_batches: int = 2
     distill_steps: int | None = None
     distill_lr: float | None = None
+    distill_nsamples: int | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", self.MODES), ("scope", self.SCOPES), ("mask", self.MASKS),
@@ -80,6 +84,10 @@ class RecoveryConfig:
             check_int("recover.distill_steps", self.distill_steps)
         if self.distill_lr is not None:
             check_float("recover.distill_lr", self.distill_lr, 1e-10, 1.0)
+        if self.distill_nsamples is not None:
+            check_int("recover.distill_nsamples", self.distill_nsamples)
+            if self.mode == "block":
+                raise ConfigError("recover.distill_nsamples belongs to mode e2e or block+e2e (block has no distillation)")
         if self.mode != "block+e2e" and (self.distill_steps is not None or self.distill_lr is not None):
             raise ConfigError("recover.distill_steps / distill_lr belong to mode block+e2e (mode e2e takes steps / lr)")
         if self.mode == "e2e" and self.mask == "learn":
@@ -110,7 +118,8 @@ class RecoveryConfig:
         """
         if self.mode == "block+e2e":
             return dataclasses.replace(self, mode="e2e", mask="fixed", steps=self.distill_steps or self.steps,
-                                       lr=self.distill_lr, distill_steps=None, distill_lr=None)
+                                       lr=self.distill_lr, distill_steps=None, distill_lr=None,
+                                       distill_nsamples=self.distill_nsamples)
         return self if self.mode == "e2e" else None
 
     def to_dict(self) -> dict[str, Any]:

@@ -292,7 +292,8 @@ def _recovery_section(rec: dict) -> list[str]:
     out = ["## Recovery", "", "The sparsity pattern was kept (pruned weights stay zero; checked before saving)."]
     if rec.get("e2e"):
         e = rec["e2e"]
-        out += ["", f"End-to-end distillation from the dense model: {e.get('steps')} steps, loss "
+        on = f" on {e['sequences']} sequences" if e.get("sequences") else ""
+        out += ["", f"End-to-end distillation from the dense model: {e.get('steps')} steps{on}, loss "
                 f"{_fmt(e.get('loss_before'))} → {_fmt(e.get('loss_after'))}."]
     blocks = rec.get("blocks") or []
     if blocks:

@@ -67,7 +67,7 @@ def distill(student: nn.Module, teacher: nn.Module, calib: torch.Tensor, cfg: Re
         batch_size: unused (``cfg.batch_size`` sequences per step); kept for the caller's symmetry.
 
     Returns:
-        ``{"loss_before", "loss_after", "steps", "seconds"}``.
+        ``{"loss_before", "loss_after", "steps", "sequences", "seconds"}`` (losses over all ``calib``).
     """
     t0 = time.perf_counter()
     homes = module_device(student), module_device(teacher)
@@ -123,4 +123,5 @@ def distill(student: nn.Module, teacher: nn.Module, calib: torch.Tensor, cfg: Re
         student.to(homes[0])
         teacher.to(homes[1])
     log.info("distillation: loss %.4f -> %.4f in %d steps", before, after, cfg.steps)
-    return {"loss_before": before, "loss_after": after, "steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 2)}
+    return {"loss_before": before, "loss_after": after, "steps": cfg.steps, "sequences": int(calib.shape[0]),
+            "seconds": round(time.perf_counter() - t0, 2)}

@@ -102,8 +102,43 @@ def test_cli_block_then_e2e(tmp_path, capsys, model_dir, tiny_calib_file):
     rec = meta["recipe"]["recover"]
     assert (rec["mode"], rec["steps"], rec["distill_steps"], rec["distill_lr"]) == ("block+e2e", 2, 3, 1e-3)
     assert meta["recovery"]["e2e"]["steps"] == 3 and {"layer", "attn", "mlp"} == set(meta["recovery"]["blocks"][0])
+    assert meta["recovery"]["e2e"]["sequences"] == 4  # the calibration set
     card = build_card(out)
-    assert "End-to-end distillation from the dense model: 3 steps" in card and "Block-wise reconstruction" in card
+    assert "End-to-end distillation from the dense model: 3 steps on 4 sequences" in card
+    assert "Block-wise reconstruction" in card
     code, _, err = run_cli(capsys, "compress", str(model_dir), "--recover", "e2e", "--recover-distill-steps", "3",
                            "-o", str(tmp_path / "z"))
     assert code == 2 and "distill_steps" in err and not (tmp_path / "z").exists()
+
+
+def test_distillation_on_more_sequences_than_the_calibration_set(tmp_path, capsys, model_dir, tiny_calib_file):
+    """--recover-distill-nsamples 7 with 4 calibration sequences: the distillation trains on the 4 and 3 more drawn
+    with the next seed (recorded in the recipe, llmprune.json and the card); fewer takes the first n."""
+    from llmprune.calibration.data import extend_calibration, load_calibration
+    from llmprune.model.loading import load_tokenizer
+
+    out = tmp_path / "more"
+    code, stdout, _ = run_cli(capsys, "compress", str(model_dir), "--method", "wanda", "--sparsity", "2:4",
+                              "--calib", str(tiny_calib_file), "--nsamples", "4", "--seqlen", "16", "--device", "cpu",
+                              "--recover", "e2e", "--recover-steps", "2", "--recover-distill-nsamples", "7",
+                              "-o", str(out), "-q")
+    assert code == 0, stdout
+    meta = json.loads((out / "llmprune.json").read_text())
+    assert meta["recipe"]["recover"]["distill_nsamples"] == 7 and meta["recovery"]["e2e"]["sequences"] == 7
+    assert "2 steps on 7 sequences" in build_card(out)
+    tok = load_tokenizer(str(model_dir))
+    cfg = CalibConfig(source=str(tiny_calib_file), nsamples=4, seqlen=16, seed=0)
+    ids = load_calibration(cfg, tok, progress=False)
+    more = extend_calibration(ids, cfg, 7, tok)
+    extra = load_calibration(CalibConfig(source=str(tiny_calib_file), nsamples=3, seqlen=16, seed=1), tok,
+                             progress=False)
+    assert torch.equal(more, torch.cat([ids, extra])) and torch.equal(extend_calibration(ids, cfg, 2, tok), ids[:2])
+    with pytest.raises(ConfigError, match="distill_nsamples belongs to mode e2e"):
+        RecoveryConfig(mode="block", distill_nsamples=8)
+    with pytest.raises(ConfigError, match="distill_nsamples"):
+        RecoveryConfig(mode="e2e", distill_nsamples=0)
+    model = llmprune.load(str(model_dir))
+    with pytest.raises(ConfigError, match="exceeds the 4 calibration sequences"):
+        llmprune.compress(model, Recipe(stages=[llmprune.WandaConfig(sparsity="2:4")],
+                                        recover=RecoveryConfig(mode="e2e", steps=1, distill_nsamples=5)),
+                          calib=ids)
