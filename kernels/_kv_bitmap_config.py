@@ -19,8 +19,9 @@ BLOCK_N_RANGE = (16, 128)
 
 
 def default_block_n(head_dim: int) -> int:
-    """Tokens per step: 64 (32 at ``head_dim`` 256, whose dense block would not leave room for 2 CTAs/SM)."""
-    return 32 if head_dim > 128 else 64
+    """Tokens per step: 64; 128 at ``head_dim`` 64 (the same dense tile, and a 64-token block would leave half of
+    the expansion layout's threads repeating the others' work); 32 at 256 (room for 2 CTAs/SM)."""
+    return 32 if head_dim > 128 else 128 if head_dim <= 64 else 64
 
 
 def kv_bitmap_config(batch: int, kv_heads: int, group: int, queries: int, n_compressed: int, head_dim: int, *,
