@@ -84,13 +84,15 @@ def _pair_mask(x, sh, p, HW: tl.constexpr):
 
 
 @triton.jit
-def _opaque(x, HW: tl.constexpr):
-    """``x`` through a non-pure ``mov`` on the GPU: Triton sizes a dot operand's register layout (``kWidth``) from
-    the elementwise chain behind it, and this chain's bitmap joins would halve it (64-bit shared loads and register
-    shuffles instead of ``ldmatrix``); an op with side effects ends the chain."""
+def _opaque(x, DTYPE: tl.constexpr, HW: tl.constexpr):
+    """int16 ``x`` reinterpreted as ``DTYPE``; on the GPU first through a non-pure ``mov`` (two elements per 32-bit
+    register, no instruction left after ptxas). Triton sizes a dot operand's register layout (``kWidth``) from the
+    chain of elementwise ops and joins behind it; through this chain's joins it would pick 4 (64-bit shared loads
+    and register shuffles instead of ``ldmatrix``). An op with side effects, last before the dot, ends the chain
+    (Triton 3.6 and 3.9 both keep ``kWidth`` 2)."""
     if HW:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
-    return x
+        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int16, is_pure=False, pack=2)
+    return x.to(DTYPE, bitcast=True)
 
 
 @triton.jit
@@ -133,10 +135,8 @@ def _expand_pairs(halves, first, words, BLOCK_N: tl.constexpr, D: tl.constexpr, 
     sh = x << (31 - 2 * p)  # sign: bit i = 2p; the bits below it are the ones before
     idx = tl.reshape(f + _popcount32(sh, HW_POPC), (BLOCK_N * D // 2,))
     w = tl.reshape(tl.gather(words, idx, 0), (BLOCK_N, D // 32, 16)) & _pair_mask(x, sh, p, HW_POPC)
-    w = _opaque(w, HW_POPC)
-    lo = w.to(tl.int16).to(DTYPE, bitcast=True)
-    hi = (w >> 16).to(tl.int16).to(DTYPE, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), (BLOCK_N, D))
+    dense = tl.reshape(tl.join(w.to(tl.int16), (w >> 16).to(tl.int16)), (BLOCK_N, D))
+    return _opaque(dense, DTYPE, HW_POPC)
 
 
 @triton.jit

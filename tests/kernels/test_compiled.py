@@ -207,6 +207,9 @@ def test_kv_bitmap_other_head_dims(build, d):
     _common(c, 90)
     assert c.ctas_per_sm_regs >= (2 if d <= 128 else 1)
     assert c.main_loop.narrow_loads(32) == 0 and c.main_loop.vector_loads(128) > 0
+    if d == 64:  # 2 warps: every thread expands its own elements (4 warps repeated half of them: ~14.6 per element)
+        dense_per_thread = 2 * c.constexprs["BLOCK_N"] * d // _threads(c)
+        assert c.main_loop.size / dense_per_thread <= 9, f"{c.main_loop.size} SASS, {dense_per_thread} elements"
 
 
 # --------------------------------------------------------------------------- gated attention
