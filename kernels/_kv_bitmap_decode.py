@@ -38,6 +38,23 @@ def _halves(bm_ptr, offs_n, n_ok, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED
 
 
 @triton.jit
+def _per_half(t, BLOCK_N: tl.constexpr, D: tl.constexpr, R: tl.constexpr):
+    """``t [BLOCK_N, D / 32]`` repeated ``R`` (16 or 32) times along a new last axis: ``[BLOCK_N, D / 32, R]``.
+
+    By joins, which keep the new axes inside one thread: a thread then decodes the ``R`` consecutive elements (or
+    pairs) of one half, with the half's words, popcounts and start per thread, not per element, and the dense block
+    is stored for the tensor cores as 16-byte vectors.
+    """
+    t = tl.join(t, t)
+    t = tl.join(t, t)
+    t = tl.join(t, t)
+    t = tl.join(t, t)
+    if R == 32:
+        t = tl.join(t, t)
+    return tl.reshape(t, (BLOCK_N, D // 32, R))
+
+
+@triton.jit
 def _expand(halves, first, src, BLOCK_N: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
             HW_POPC: tl.constexpr):
     """Dense ``[BLOCK_N, D]`` from the bitmap halves and the packed values ``src [CHUNK]`` (a register tile whose
@@ -47,19 +64,8 @@ def _expand(halves, first, src, BLOCK_N: tl.constexpr, D: tl.constexpr, CHUNK: t
     when bit ``i`` is set; shifting the half left by ``31 - i`` puts that bit in the sign and leaves the bits below
     it, so ``popcount - 1`` is its rank: no prefix sum across lanes. Dropped elements read the zero entry.
     """
-    # Broadcast each half over its 32 elements with joins, which keep the new axes inside one thread: a thread
-    # then decodes 32 consecutive elements of one half (the half's words, popcounts and start are per thread,
-    # not per element) and the dense block is stored for the tensor cores as 16-byte vectors.
-    x = tl.join(halves, halves)
-    x = tl.join(x, x)
-    x = tl.join(x, x)
-    x = tl.join(x, x)
-    x = tl.reshape(tl.join(x, x), (BLOCK_N, D // 32, 32))
-    f = tl.join(first, first)
-    f = tl.join(f, f)
-    f = tl.join(f, f)
-    f = tl.join(f, f)
-    f = tl.reshape(tl.join(f, f), (BLOCK_N, D // 32, 32))
+    x = _per_half(halves, BLOCK_N, D, 32)
+    f = _per_half(first, BLOCK_N, D, 32)
     sh = x << (31 - tl.arange(0, 32))[None, None, :]  # [BLOCK_N, D / 32, 32]
     idx = tl.where(sh < 0, f + _popcount32(sh, HW_POPC) - 1, CHUNK - 1)
     return tl.reshape(tl.gather(src, tl.reshape(idx, (BLOCK_N * D,)), 0), (BLOCK_N, D))
@@ -123,14 +129,8 @@ def _expand_pairs(halves, first, words, BLOCK_N: tl.constexpr, D: tl.constexpr, 
     and the pair mask clears the dropped halves: shift, ``POPC``, address, one 32-bit shared-memory load,
     ``PRMT`` and ``AND`` per two elements (the single-element path needs about 7.5 per element).
     """
-    x = tl.join(halves, halves)
-    x = tl.join(x, x)
-    x = tl.join(x, x)
-    x = tl.reshape(tl.join(x, x), (BLOCK_N, D // 32, 16))
-    f = tl.join(first, first)
-    f = tl.join(f, f)
-    f = tl.join(f, f)
-    f = tl.reshape(tl.join(f, f), (BLOCK_N, D // 32, 16))
+    x = _per_half(halves, BLOCK_N, D, 16)
+    f = _per_half(first, BLOCK_N, D, 16)
     p = tl.arange(0, 16)[None, None, :]
     sh = x << (31 - 2 * p)  # sign: bit i = 2p; the bits below it are the ones before
     idx = tl.reshape(f + _popcount32(sh, HW_POPC), (BLOCK_N * D // 2,))

@@ -29,9 +29,8 @@ bits as the pair's mask) and one ``AND``; 778 SASS per 64-token iteration on sm_
 Known limit: the compile-level report (``eval/results/kernel_report.md``) puts the main loop's issue ceiling at
 ~4.0 TB/s of compressed bytes on sm_90 (2.5 one element at a time, 1.2 before format 2), just above the ~3.8 TB/s
 that 2.2x dense SDPA needs on an H200 and short of the 1.5x margin; 229 registers leave 2 CTAs per SM.
-:func:`kv_bitmap_config` is
-the launcher's config as a pure function; :func:`check_config` refuses block sizes and shared memory the GPU cannot
-take.
+:func:`kv_bitmap_config` is the launcher's config as a pure function; :func:`check_config` refuses block sizes and
+shared memory the GPU cannot take.
 
 ``kv_bitmap_attention_ref`` is the plain-torch reference (unpack, concatenate the window, softmax in fp32).
 """

@@ -154,9 +154,8 @@ def prune(
             )
             del inputs
         if teacher is not None:
-            report.distill = distill(model, teacher, calib if distill_calib is None else distill_calib, e2e, device=dev,
-                                     batch_size=batch_size,
-                                     progress=progress)
+            data = calib if distill_calib is None else distill_calib
+            report.distill = distill(model, teacher, data, e2e, device=dev, batch_size=batch_size, progress=progress)
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - t0

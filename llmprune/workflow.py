@@ -109,17 +109,18 @@ def compress(
     if any(method_for_config(s).needs_calibration for s in rec.stages) or rec.recover is not None:
         if isinstance(calib, torch.Tensor):
             ids = calib
-            if e2e is not None and (e2e.distill_nsamples or 0) > ids.shape[0]:
-                raise ConfigError(f"recover.distill_nsamples = {e2e.distill_nsamples} exceeds the {ids.shape[0]} "
-                                  "calibration sequences given as token ids; give a calibration source to draw more")
+            if e2e is not None and e2e.distill_nsamples is not None:
+                if e2e.distill_nsamples > ids.shape[0]:
+                    raise ConfigError(f"recover.distill_nsamples = {e2e.distill_nsamples} exceeds the {ids.shape[0]} "
+                                      "calibration sequences given as token ids; give a calibration source to draw "
+                                      "more")
+                distill_ids = ids[: e2e.distill_nsamples]
         else:
             tok = tokenizer if tokenizer is not None else _tokenizer_of(model)
             cal = clip_seqlen(rec.calibration, model.config)
             ids, cal = load_calibration_resolved(cal, tok, model, progress=progress)
             if e2e is not None and e2e.distill_nsamples is not None:
                 distill_ids = extend_calibration(ids, cal, e2e.distill_nsamples, tok, model, progress=progress)
-        if e2e is not None and e2e.distill_nsamples is not None and distill_ids is None:
-            distill_ids = ids[: e2e.distill_nsamples]
     report = api.prune(model, rec.stages, ids, device=device, batch_size=rec.calibration.batch_size,
                        progress=progress, recover=rec.recover, distill_calib=distill_ids)
     if output is None:
